@@ -1,0 +1,278 @@
+"""uf.ops.linear_cross_entropy / linear_cross_entropy_irm / sequence_nll against naive references.
+
+Tolerance rule (DESIGN.md): the op's error against an fp64 ground truth is at
+most the same-dtype naive reference's error plus a small slack.
+"""
+import pytest
+import torch
+
+import unlearn_fast as uf
+from tests.reference import naive_irm, naive_linear_ce, naive_sequence_nll
+
+N, H, V, E = 47, 31, 123, 3  # odd shapes on purpose
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SLACK = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+def make_inputs(dtype, *, bias=True, seed=0, shape=(N,), ignore_every=5, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(*shape, H, generator=g, dtype=torch.float64)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.3
+    b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
+    y = torch.randint(0, V, shape, generator=g)
+    y.view(-1)[::ignore_every] = -100
+    # Round once to the test dtype so that every implementation sees the same values.
+    h, w = h.to(dtype), w.to(dtype)
+    b = b.to(dtype) if b is not None else None
+    return [t.to(device) if t is not None else None for t in (h, w, b, y)]
+
+
+def leaf(t, dtype=None):
+    if t is None:
+        return None
+    return t.detach().to(dtype or t.dtype).requires_grad_()
+
+
+def max_err(a, truth):
+    return (a.detach().double() - truth.detach().double()).abs().max().item()
+
+
+def assert_within_rule(ours, naive, truth, slack, what):
+    scale = max(truth.detach().abs().max().item(), 1.0)
+    limit = max_err(naive, truth) + slack * scale
+    err = max_err(ours, truth)
+    assert err <= limit, f"{what}: error {err:.3g} > naive error + slack {limit:.3g}"
+
+
+def grads_of(loss, tensors):
+    tensors = [t for t in tensors if t is not None]
+    return torch.autograd.grad(loss, tensors)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_ce_matches_reference(backend, dtype, reduction, bias):
+    h, w, b, y = make_inputs(dtype, bias=bias)
+    upstream = torch.rand(N, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def run(fn, tensors):
+        out = fn(*tensors)
+        loss = (out.double() * upstream).sum() if reduction == "none" else out
+        return out, grads_of(loss, tensors)
+
+    truth_in = [leaf(t, torch.float64) for t in (h, w, b)]
+    naive_in = [leaf(t) for t in (h, w, b)]
+    ours_in = [leaf(t) for t in (h, w, b)]
+    truth = run(lambda h, w, b=None: naive_linear_ce(h, w, y, b, reduction), [t for t in truth_in if t is not None])
+    naive = run(lambda h, w, b=None: naive_linear_ce(h, w, y, b, reduction), [t for t in naive_in if t is not None])
+    ours = run(
+        lambda h, w, b=None: uf.ops.linear_cross_entropy(h, w, y, linear_bias=b, reduction=reduction, backend=backend),
+        [t for t in ours_in if t is not None],
+    )
+    assert ours[0].dtype == torch.float32
+    assert ours[0].shape == truth[0].shape
+    assert_within_rule(ours[0], naive[0], truth[0], SLACK[dtype], "loss")
+    for name, g_ours, g_naive, g_truth, t in zip("hwb", ours[1], naive[1], truth[1], ours_in):
+        assert g_ours.dtype == t.dtype, f"grad of {name} must come back in the input dtype"
+        assert_within_rule(g_ours, g_naive, g_truth, SLACK[dtype], f"grad {name}")
+
+
+def test_linear_ce_batched_input_and_int32_target(backend):
+    h, w, b, y = make_inputs(torch.float32, shape=(3, 9))
+    ours = uf.ops.linear_cross_entropy(h, w, y.int(), linear_bias=b, reduction="none", backend=backend)
+    ref = naive_linear_ce(h.double(), w.double(), y, b.double(), "none")
+    assert ours.shape == (3, 9)
+    torch.testing.assert_close(ours.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_all_ignored_gives_zero_loss_and_zero_grads(backend):
+    h, w, b, _ = make_inputs(torch.float32)
+    y = torch.full((N,), -100)
+    hh, ww, bb = leaf(h), leaf(w), leaf(b)
+    loss = uf.ops.linear_cross_entropy(hh, ww, y, linear_bias=bb, backend=backend)
+    assert loss.item() == 0.0
+    loss.backward()
+    for t in (hh, ww, bb):
+        assert torch.count_nonzero(t.grad) == 0
+
+
+def test_nan_input_propagates(backend):
+    h, w, b, y = make_inputs(torch.float32)
+    h[3, 4] = float("nan")
+    y[3] = 1
+    assert torch.isnan(uf.ops.linear_cross_entropy(h, w, y, linear_bias=b, backend=backend))
+
+
+def halves_like_op(y, env, num_envs, batched):
+    """Independent re-derivation of the op's documented unbiased split, for the naive reference."""
+    valid = y != -100
+    half = torch.zeros_like(y)
+    for k in range(num_envs):
+        if batched:
+            rows = [r for r in range(y.shape[0]) if bool((valid[r] & (env[r] == k)).any())]
+            for rank, r in enumerate(rows):
+                half[r][env[r] == k] = rank % 2
+        else:
+            idx = (valid & (env == k)).nonzero().squeeze(1)
+            half[idx] = torch.arange(idx.numel()) % 2
+    return half
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("unbiased", [False, True])
+@pytest.mark.parametrize("batched", [False, True])
+def test_irm_matches_double_backprop_reference(backend, dtype, unbiased, batched):
+    shape = (5, 10) if batched else (N,)
+    h, w, b, y = make_inputs(dtype, shape=shape, seed=2)
+    g = torch.Generator().manual_seed(3)
+    num_envs = E + 1  # the last environment is empty
+    env = torch.randint(0, E, shape, generator=g)
+    if batched:  # environments per sequence, as the trainer builds them
+        env = torch.randint(0, E, (shape[0], 1), generator=g).expand(shape).contiguous()
+    halves = halves_like_op(y, env, num_envs, batched) if unbiased else None
+    up = [torch.rand(num_envs, generator=g, dtype=torch.float64) for _ in range(2)] + [torch.tensor(3.0, dtype=torch.float64)]
+
+    def combine(outs):
+        return sum((o.double() * u).sum() for o, u in zip(outs, up))
+
+    results = {}
+    for kind, dt in (("truth", torch.float64), ("naive", None), ("ours", None)):
+        tensors = [leaf(t, dt) for t in (h, w, b)]
+        if kind == "ours":
+            outs = uf.ops.linear_cross_entropy_irm(tensors[0], tensors[1], y, env, num_envs=num_envs,
+                                                   linear_bias=tensors[2], unbiased=unbiased, backend=backend)
+        else:
+            outs = naive_irm(*tensors[:2], y, env, num_envs, bias=tensors[2], unbiased=unbiased, halves=halves)
+        results[kind] = (outs, grads_of(combine(outs), tensors))
+    ours, naive, truth = results["ours"], results["naive"], results["truth"]
+    for name, o, n, t in zip(("env_loss", "env_scale_grad", "penalty"), ours[0], naive[0], truth[0]):
+        assert_within_rule(o, n, t, SLACK[dtype], name)
+    assert ours[0].env_loss[-1].item() == 0 and ours[0].env_scale_grad[-1].item() == 0
+    for name, o, n, t in zip("hwb", ours[1], naive[1], truth[1]):
+        assert_within_rule(o, n, t, SLACK[dtype], f"grad {name}")
+
+
+def test_irm_empty_environment_gets_zero_gradient(backend):
+    h, w, b, y = make_inputs(torch.float32)
+    env = torch.zeros(N, dtype=torch.long)
+    env[y == -100] = 1  # environment 1 holds only ignored tokens
+    hh = leaf(h)
+    out = uf.ops.linear_cross_entropy_irm(hh, w, y, env, num_envs=2, linear_bias=b, backend=backend)
+    assert out.env_loss[1].item() == 0 and out.env_scale_grad[1].item() == 0
+    (out.env_loss[1] + out.env_scale_grad[1]).backward()
+    assert torch.count_nonzero(hh.grad) == 0
+
+
+def test_sequence_nll_matches_reference(backend):
+    h, w, b, y = make_inputs(torch.float32, shape=(4, 12), seed=4)
+    hh, ww = leaf(h), leaf(w)
+    out = uf.ops.sequence_nll(hh, ww, y, linear_bias=b, backend=backend)
+    seq = torch.arange(4).unsqueeze(1).expand(4, 12)
+    h64, w64 = leaf(h, torch.float64), leaf(w, torch.float64)
+    ref_nll, ref_count = naive_sequence_nll(h64, w64, y, seq, 4, b.double())
+    torch.testing.assert_close(out.nll.double(), ref_nll, atol=1e-4, rtol=1e-5)
+    assert torch.equal(out.num_tokens, ref_count)
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    gh, gw = torch.autograd.grad((out.nll * weights).sum(), (hh, ww))
+    rh, rw = torch.autograd.grad((ref_nll * weights.double()).sum(), (h64, w64))
+    torch.testing.assert_close(gh.double(), rh, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gw.double(), rw, atol=1e-4, rtol=1e-4)
+
+
+def test_gradcheck_float64_torch_path():
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(9, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 7, (9,), generator=g)
+    y[2] = -100
+    env = torch.tensor([0, 1, 0, 1, 1, 0, 2, 2, 0])
+
+    def irm(h, w, b):
+        out = uf.ops.linear_cross_entropy_irm(h, w, y, env, num_envs=3, linear_bias=b, backend="torch", chunk_size=4)
+        return out.env_loss, out.env_scale_grad, out.penalty
+
+    def irm_unbiased(h, w, b):
+        return uf.ops.linear_cross_entropy_irm(h, w, y, env, num_envs=3, linear_bias=b, unbiased=True,
+                                               backend="torch", chunk_size=4).penalty
+
+    def ce(h, w, b):
+        return uf.ops.linear_cross_entropy(h, w, y, linear_bias=b, backend="torch", chunk_size=4)
+
+    for fn in (irm, irm_unbiased, ce):
+        assert torch.autograd.gradcheck(fn, (h, w, b))
+
+
+def test_chunking_does_not_change_result():
+    h, w, b, y = make_inputs(torch.float32)
+    env = torch.arange(N) % E
+    full = uf.ops.linear_cross_entropy_irm(h, w, y, env, num_envs=E, linear_bias=b, backend="torch", chunk_size=N)
+    small = uf.ops.linear_cross_entropy_irm(h, w, y, env, num_envs=E, linear_bias=b, backend="torch", chunk_size=6)
+    for a, c in zip(full, small):
+        torch.testing.assert_close(a, c, atol=1e-6, rtol=1e-6)
+
+
+def test_backend_from_environment_variable(monkeypatch):
+    h, w, b, y = make_inputs(torch.float32)
+    monkeypatch.setenv("UNLEARN_FAST_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="backend"):
+        uf.ops.linear_cross_entropy(h, w, y)
+    monkeypatch.setenv("UNLEARN_FAST_BACKEND", "torch")
+    assert uf.ops.linear_cross_entropy(h, w, y).isfinite()
+
+
+@pytest.mark.parametrize(
+    "mutate, exc, match",
+    [
+        (lambda a: a.update(input=a["input"][:, :-1]), ValueError, "hidden size"),
+        (lambda a: a.update(target=a["target"][:-1]), ValueError, "target must have shape"),
+        (lambda a: a.update(target=a["target"].float()), TypeError, "target must be an int32 or int64"),
+        (lambda a: a.update(env=a["env"] + 5), ValueError, r"env ids must be in \[0, num_envs=3\)"),
+        (lambda a: a.update(env=a["env"][:-2]), ValueError, "env must have shape"),
+        (lambda a: a.update(num_envs=0), ValueError, "num_envs must be a positive int"),
+        (lambda a: a.update(linear_bias=torch.zeros(V + 1)), ValueError, "linear_bias must have shape"),
+        (lambda a: a.update(target=torch.full((N,), V)), ValueError, "target values must be in"),
+        (lambda a: a.update(input=a["input"].double()), TypeError, "same dtype"),
+        (lambda a: a.update(input=a["input"].to("meta")), ValueError, "input is on meta"),
+        (lambda a: a.update(linear_weight=a["linear_weight"].int()), TypeError, "linear_weight must be a floating"),
+    ],
+)
+def test_bad_input_is_named(mutate, exc, match):
+    h, w, b, y = make_inputs(torch.float32)
+    args = dict(input=h, linear_weight=w, target=y, env=torch.arange(N) % 3, num_envs=3, linear_bias=b)
+    mutate(args)
+    with pytest.raises(exc, match=match):
+        uf.ops.linear_cross_entropy_irm(
+            args["input"], args["linear_weight"], args["target"], args["env"],
+            num_envs=args["num_envs"], linear_bias=args["linear_bias"], backend="torch",
+        )
+
+
+def test_bad_reduction_and_sequence_ids():
+    h, w, b, y = make_inputs(torch.float32)
+    with pytest.raises(ValueError, match="reduction"):
+        uf.ops.linear_cross_entropy(h, w, y, reduction="avg")
+    with pytest.raises(ValueError, match="seq is required"):
+        uf.ops.sequence_nll(h, w, y)
+    with pytest.raises(ValueError, match=r"seq ids must be in \[0, num_seqs=2\)"):
+        uf.ops.sequence_nll(h, w, y, torch.arange(N), num_seqs=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_matches_torch_on_gpu_large_vocab(dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, hidden, vocab = 1000, 256, 5003
+    h = (torch.randn(n, hidden, device="cuda", generator=g) * 0.5).to(dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, device="cuda", generator=g) * 0.1).to(dtype).requires_grad_()
+    y = torch.randint(0, vocab, (n,), device="cuda", generator=g)
+    env = torch.randint(0, 4, (n,), device="cuda", generator=g)
+    res = {}
+    for be in ("torch", "triton"):
+        out = uf.ops.linear_cross_entropy_irm(h, w, y, env, num_envs=4, backend=be)
+        loss = out.env_loss.sum() + out.penalty
+        res[be] = (loss.detach(), *torch.autograd.grad(loss, (h, w)))
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for a, c in zip(res["triton"], res["torch"]):
+        torch.testing.assert_close(a.float(), c.float(), atol=tol, rtol=tol)

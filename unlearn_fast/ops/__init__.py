@@ -1,0 +1,16 @@
+"""Public functional ops of unlearn_fast: autograd functions with a Triton and a chunked PyTorch path."""
+from .linear_ce import (
+    IRMOutput,
+    SequenceNLL,
+    linear_cross_entropy,
+    linear_cross_entropy_irm,
+    sequence_nll,
+)
+
+__all__ = [
+    "IRMOutput",
+    "SequenceNLL",
+    "linear_cross_entropy",
+    "linear_cross_entropy_irm",
+    "sequence_nll",
+]

@@ -1,0 +1,270 @@
+"""Fused linear cross-entropy ops: plain CE, per-environment CE + IRMv1 penalty, per-sequence NLL.
+
+All three are built on one autograd function, ``_TokenStats``, that maps
+(hidden, LM-head weight, bias, target) to two fp32 per-token statistics
+without ever holding the [N, V] logits:
+
+    ce_t = lse_t − z_{t,y}                  the token's cross-entropy
+    m_t  = E_{p_t}[z_t] − z_{t,y}           d ce_t(w · z_t) / dw at w = 1
+
+Every output is then an O(N) reduction of these in plain torch (so autograd
+composes them), e.g. for environment e with N_e non-ignored tokens
+
+    env_loss_e = Σ_{t∈e} ce_t / N_e,   s_e = Σ_{t∈e} m_t / N_e,   penalty = Σ_e s_e²
+
+and the backward of ``_TokenStats`` turns the per-token upstream gradients
+(g_ce, g_m) into d logits = a p + b p⊙z − c onehot with
+a = g_ce + g_m (1 − E_p[z]),  b = g_m,  c = g_ce + g_m
+(∂E_p[z]/∂z_v = p_v (1 + z_v − E_p[z])), recomputing the logits tile by tile.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import _torch_linear_ce as torch_path
+from ._checks import check_ids, flatten_tokens, resolve_backend
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+class IRMOutput(NamedTuple):
+    env_loss: torch.Tensor  # [E] mean CE per environment (0 for an empty environment)
+    env_scale_grad: torch.Tensor  # [E] s_e = d env_loss_e(w·z) / dw at w = 1
+    penalty: torch.Tensor  # scalar: Σ s_e² (or Σ s_e^A s_e^B when unbiased)
+
+
+class SequenceNLL(NamedTuple):
+    nll: torch.Tensor  # [S] summed token NLL per sequence (fp32, differentiable)
+    num_tokens: torch.Tensor  # [S] int64 count of non-ignored tokens per sequence
+
+
+def _kernels():
+    from unlearn_fast.kernels import linear_ce
+
+    return linear_ce
+
+
+def _forward_stats(backend, h, weight, bias, target, valid, ignore_index, chunk):
+    if backend == "triton":
+        return _kernels().linear_ce_forward(h, weight, bias, target, ignore_index)
+    return torch_path.chunked_pass(h, weight, bias, target, valid, chunk=chunk)
+
+
+class _TokenStats(torch.autograd.Function):
+    """(h [N, H], weight [V, H], bias [V] | None, target [N]) -> (ce [N], m [N]), zeros on ignored tokens."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, target, ignore_index, backend, chunk):
+        valid = target != ignore_index
+        lse, zy, ez = _forward_stats(backend, h, weight, bias, target, valid, ignore_index, chunk)
+        ctx.save_for_backward(h, weight, bias, target, lse, ez)
+        ctx.backend, ctx.chunk, ctx.ignore_index = backend, chunk, ignore_index
+        ctx.set_materialize_grads(False)
+        return lse - zy, ez - zy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_ce, g_m):
+        h, weight, bias, target, lse, ez = ctx.saved_tensors
+        valid = target != ctx.ignore_index
+        zero = torch.zeros_like(lse)
+        g_ce = zero if g_ce is None else torch.where(valid, g_ce.to(lse.dtype), 0)
+        if g_m is None:
+            a, b, c = g_ce, None, g_ce
+        else:
+            g_m = torch.where(valid, g_m.to(lse.dtype), 0)
+            a, b, c = g_ce + g_m * (1 - ez), g_m, g_ce + g_m
+        if ctx.backend == "triton":
+            d_h, d_w, d_b = _kernels().linear_ce_backward(h, weight, bias, target, lse, a, b, c)
+        else:
+            coeffs = torch_path.Coeffs(a, b, c)
+            _, (d_h, d_w, d_b) = torch_path.chunked_pass(
+                h, weight, bias, target, valid, lse=lse, coeffs=coeffs, chunk=ctx.chunk
+            )
+        d_b = d_b.to(bias.dtype) if d_b is not None else None
+        return d_h.to(h.dtype), d_w.to(weight.dtype), d_b, None, None, None, None
+
+
+class _SummedCE(torch.autograd.Function):
+    """Torch path of Σ_t ce_t · scale with the gradient formed during the forward pass.
+
+    Plain CE with reduction mean/sum has a uniform upstream gradient, so the
+    gradient can be accumulated in the same pass as the loss (one matmul fewer
+    than recompute-in-backward, like torch's chunked F.linear_cross_entropy);
+    backward only scales it.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, target, ignore_index, scale, chunk):
+        valid = target != ignore_index
+        needs_grad = any(t is not None and t.requires_grad for t in (h, weight, bias))
+        if not needs_grad:
+            lse, zy, _ = torch_path.chunked_pass(h, weight, bias, target, valid, chunk=chunk)
+            return ((lse - zy).sum() * scale).to(lse.dtype)
+        ones = valid.to(torch.float64 if h.dtype == torch.float64 else torch.float32)
+        (lse, zy, _), grads = torch_path.chunked_pass(
+            h, weight, bias, target, valid, coeffs=torch_path.Coeffs(ones, None, ones), chunk=chunk
+        )
+        ctx.save_for_backward(scale, *[g for g in grads if g is not None])
+        ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        return (lse - zy).sum() * scale
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        scale, *grads = ctx.saved_tensors
+        factor = g * scale
+        out = [(grad * factor).to(dtype) for grad, dtype in zip(grads, ctx.dtypes)]
+        if len(out) == 2:
+            out.append(None)
+        return out[0], out[1], out[2], None, None, None, None
+
+
+def _token_stats(h, weight, bias, target, ignore_index, backend, chunk):
+    if backend == "triton" and h.dtype == torch.float64:
+        raise TypeError("backend='triton' does not support float64; use backend='torch'")
+    return _TokenStats.apply(h, weight, bias, target, ignore_index, backend, chunk)
+
+
+def _prepare(input, linear_weight, target, linear_bias, ignore_index, backend, **per_token):
+    h, y, ids = flatten_tokens(input, linear_weight, target, linear_bias, ignore_index, **per_token)
+    if h.dtype != linear_weight.dtype:
+        raise TypeError(f"input ({h.dtype}) and linear_weight ({linear_weight.dtype}) must have the same dtype")
+    backend = resolve_backend(backend, h.device, h.dtype)
+    return h.contiguous(), y, ids, backend
+
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: torch.Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    backend: str | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of ``input @ linear_weight.T + linear_bias`` against ``target`` without materialising logits.
+
+    Like ``torch.nn.functional.linear_cross_entropy`` except that an all-ignored
+    batch gives loss 0 with zero gradients under ``reduction="mean"`` (torch gives NaN).
+    The loss is fp32 (fp64 for fp64 inputs); gradients return in the inputs' dtypes.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    h, y, _, backend = _prepare(input, linear_weight, target, linear_bias, ignore_index, backend)
+    valid = y != ignore_index
+    if reduction != "none" and backend == "torch":
+        scale = torch.ones((), dtype=torch.float64 if h.dtype == torch.float64 else torch.float32, device=h.device)
+        if reduction == "mean":
+            scale = scale / valid.sum().clamp(min=1)
+        return _SummedCE.apply(h, linear_weight, linear_bias, y, ignore_index, scale, chunk_size)
+    ce, _ = _token_stats(h, linear_weight, linear_bias, y, ignore_index, backend, chunk_size)
+    if reduction == "none":
+        return ce.reshape(target.shape)
+    if reduction == "sum":
+        return ce.sum()
+    return ce.sum() / valid.sum().clamp(min=1)
+
+
+def _unbiased_halves(env: torch.Tensor, valid: torch.Tensor, num_envs: int, token_shape) -> torch.Tensor:
+    """Half (0 = A, 1 = B) of each token for the unbiased penalty.
+
+    [B, T] tokens: sequences alternate, by their rank among the sequences of the
+    environment that have a non-ignored token. [N] tokens: non-ignored tokens
+    alternate by their rank within their environment.
+    """
+    if len(token_shape) == 2:
+        batch, steps = token_shape
+        row = torch.arange(batch, device=env.device).repeat_interleave(steps)
+        present = torch.zeros(batch, num_envs, dtype=torch.long, device=env.device)
+        present[row[valid], env[valid]] = 1
+        rank = present.cumsum(0) - 1
+        return rank[row, env] % 2
+    onehot = torch.zeros(env.numel(), num_envs, dtype=torch.long, device=env.device)
+    onehot[valid.nonzero().squeeze(1), env[valid]] = 1
+    rank = onehot.cumsum(0) - 1
+    return rank.gather(1, env.unsqueeze(1)).squeeze(1) % 2
+
+
+def _per_group_mean(values: torch.Tensor, group: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    sums = torch.zeros(count.numel(), dtype=values.dtype, device=values.device).index_add(0, group, values)
+    return sums / count.clamp(min=1).to(values.dtype)
+
+
+def linear_cross_entropy_irm(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    env: torch.Tensor,
+    *,
+    num_envs: int,
+    linear_bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    unbiased: bool = False,
+    backend: str | None = None,
+    chunk_size: int | None = None,
+) -> IRMOutput:
+    """Per-environment mean CE and the IRMv1 penalty (SPEC §1.2a), logits-free, one pass.
+
+    ``env`` gives each token's environment id in [0, num_envs) (ignored tokens may
+    carry any id). Returns ``IRMOutput(env_loss[E], env_scale_grad[E], penalty)``, all
+    differentiable; ``penalty = Σ_e s_e²``, or with ``unbiased=True`` Σ_e s_e^A s_e^B
+    over two halves of each environment (see ``_unbiased_halves``). An environment
+    without non-ignored tokens contributes 0 everywhere.
+    """
+    h, y, ids, backend = _prepare(input, linear_weight, target, linear_bias, ignore_index, backend, env=env)
+    valid = y != ignore_index
+    check_ids("env", ids["env"], num_envs, "num_envs", valid)
+    env_id = torch.where(valid, ids["env"], 0)
+    ce, m = _token_stats(h, linear_weight, linear_bias, y, ignore_index, backend, chunk_size)
+    count = torch.zeros(num_envs, dtype=torch.long, device=h.device).index_add_(0, env_id, valid.long())
+    env_loss = _per_group_mean(ce, env_id, count)
+    scale_grad = _per_group_mean(m, env_id, count)
+    if unbiased:
+        half = _unbiased_halves(env_id, valid, num_envs, tuple(target.shape))
+        group = env_id * 2 + half
+        half_count = torch.zeros(2 * num_envs, dtype=torch.long, device=h.device).index_add_(0, group, valid.long())
+        s_half = _per_group_mean(m, group, half_count).view(num_envs, 2)
+        penalty = (s_half[:, 0] * s_half[:, 1]).sum()
+    else:
+        penalty = (scale_grad * scale_grad).sum()
+    return IRMOutput(env_loss, scale_grad, penalty)
+
+
+def sequence_nll(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    seq: torch.Tensor | None = None,
+    *,
+    num_seqs: int | None = None,
+    linear_bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    backend: str | None = None,
+    chunk_size: int | None = None,
+) -> SequenceNLL:
+    """Summed token NLL per sequence (NPO's NLL_i), logits-free.
+
+    ``seq`` gives each token's sequence id in [0, num_seqs); for a [B, T, H] input it
+    may be omitted (sequence = batch row). Returns ``SequenceNLL(nll[S], num_tokens[S])``.
+    """
+    if seq is None:
+        if input.dim() != 3:
+            raise ValueError("seq is required for an [N, H] input (it may be omitted only for [B, T, H])")
+        seq = torch.arange(input.shape[0], device=input.device).unsqueeze(1).expand(input.shape[:2])
+        num_seqs = input.shape[0] if num_seqs is None else num_seqs
+    if num_seqs is None:
+        raise ValueError("num_seqs is required when seq is given")
+    h, y, ids, backend = _prepare(input, linear_weight, target, linear_bias, ignore_index, backend, seq=seq)
+    valid = y != ignore_index
+    check_ids("seq", ids["seq"], num_seqs, "num_seqs", valid)
+    seq_id = torch.where(valid, ids["seq"], 0)
+    ce, _ = _token_stats(h, linear_weight, linear_bias, y, ignore_index, backend, chunk_size)
+    nll = torch.zeros(num_seqs, dtype=ce.dtype, device=h.device).index_add(0, seq_id, ce)
+    count = torch.zeros(num_seqs, dtype=torch.long, device=h.device).index_add_(0, seq_id, valid.long())
+    return SequenceNLL(nll, count)
