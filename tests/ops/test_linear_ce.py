@@ -197,8 +197,8 @@ def test_gradcheck_float64_torch_path():
         return uf.ops.linear_cross_entropy_irm(h, w, y, env, num_envs=3, linear_bias=b, unbiased=True,
                                                backend="torch", chunk_size=4).penalty
 
-    def ce(h, w, b):
-        return uf.ops.linear_cross_entropy(h, w, y, linear_bias=b, backend="torch", chunk_size=4)
+    def ce(h, w, b):  # reduction="none": the reduced path hands its gradient over once (tested below)
+        return uf.ops.linear_cross_entropy(h, w, y, linear_bias=b, reduction="none", backend="torch", chunk_size=4)
 
     for fn in (irm, irm_unbiased, ce):
         assert torch.autograd.gradcheck(fn, (h, w, b))
@@ -276,3 +276,12 @@ def test_triton_matches_torch_on_gpu_large_vocab(dtype):
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for a, c in zip(res["triton"], res["torch"]):
         torch.testing.assert_close(a.float(), c.float(), atol=tol, rtol=tol)
+
+
+def test_reduced_torch_path_refuses_second_backward_clearly():
+    h, w, b, y = make_inputs(torch.float32)
+    hh = leaf(h)
+    loss = uf.ops.linear_cross_entropy(hh, w, y, linear_bias=b, backend="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="cannot backward twice"):
+        loss.backward()

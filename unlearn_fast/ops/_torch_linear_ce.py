@@ -20,12 +20,14 @@ from dataclasses import dataclass
 
 import torch
 
-# Elements of one fp32 [chunk, V] block; 2**23 floats = 32 MiB.
-_BLOCK_ELEMS = 1 << 23
+# fp32 elements of [chunk, V] workspace a pass may hold (2**24 floats = 64 MiB): as much as torch's
+# chunked linear CE holds with its 512-row chunks at V = 32k. A pass needs one block (plain CE) or
+# two (when E_p[z] or the p⊙z term is needed).
+_WORKSPACE_ELEMS = 1 << 24
 
 
-def default_chunk(num_tokens: int, vocab: int) -> int:
-    return max(1, min(num_tokens, _BLOCK_ELEMS // max(vocab, 1)))
+def default_chunk(num_tokens: int, vocab: int, blocks: int = 2) -> int:
+    return max(1, min(num_tokens, _WORKSPACE_ELEMS // (blocks * max(vocab, 1))))
 
 
 @dataclass
@@ -47,16 +49,19 @@ def chunked_pass(
     lse: torch.Tensor | None = None,
     coeffs: Coeffs | None = None,
     chunk: int | None = None,
+    want_ez: bool = True,
 ):
     """One pass over token chunks.
 
-    Returns (lse, zy, ez) fp32 [N] (zeros on ignored tokens) and, when ``coeffs``
+    Returns (lse, zy, ez) fp32 [N] (zeros on ignored tokens; ez stays zero unless
+    ``want_ez``) and, when ``coeffs``
     is given, the gradients (d_input [N, H] fp32, d_weight [V, H] fp32, d_bias [V] fp32 or None).
     ``lse`` given (from the forward) is used for p instead of recomputing it.
     """
     n, hidden = h.shape
     vocab = weight.shape[0]
-    chunk = chunk or default_chunk(n, vocab)
+    two_blocks = want_ez or (coeffs is not None and coeffs.b is not None)
+    chunk = chunk or default_chunk(n, vocab, 2 if two_blocks else 1)
     compute = torch.float64 if h.dtype == torch.float64 else torch.float32
     w = weight.to(compute)
     bvec = bias.to(compute) if bias is not None else None
@@ -67,32 +72,51 @@ def chunked_pass(
         d_h = torch.empty(n, hidden, dtype=compute, device=h.device)
         d_w = torch.zeros(vocab, hidden, dtype=compute, device=h.device)
         d_b = torch.zeros(vocab, dtype=compute, device=h.device) if bias is not None else None
+    # Workspace allocated once: z holds the logits, e = exp(z − shift) (in z's storage when z is
+    # not needed afterwards), then d z.
+    z_buf = torch.empty(min(chunk, n), vocab, dtype=compute, device=h.device)
+    e_buf = torch.empty_like(z_buf) if two_blocks else None
     safe_target = torch.where(valid, target, 0)
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
         hc = h[rows].to(compute)
-        z = hc @ w.T
+        z = z_buf[: hc.shape[0]]
         if bvec is not None:
-            z += bvec
+            torch.addmm(bvec, hc, w.T, out=z)
+        else:
+            torch.mm(hc, w.T, out=z)
         y = safe_target[rows].unsqueeze(1)
         zy = z.gather(1, y).squeeze(1)
-        chunk_lse = torch.logsumexp(z, dim=1) if lse is None else lse[rows].to(compute)
-        p = torch.exp(z - chunk_lse.unsqueeze(1))
-        ez = (p.unsqueeze(1) @ z.unsqueeze(2)).reshape(-1)
+        if lse is None:
+            shift = z.amax(dim=1, keepdim=True)
+        else:
+            shift = lse[rows].to(compute).unsqueeze(1)
+        e = torch.sub(z, shift, out=e_buf[: hc.shape[0]]) if two_blocks else z.sub_(shift)
+        e.exp_()
+        if lse is None:
+            total = e.sum(dim=1)
+            chunk_lse = shift.squeeze(1) + total.log()
+            inv_total = total.reciprocal()  # p = e · inv_total
+        else:
+            chunk_lse = shift.squeeze(1)
+            inv_total = torch.ones_like(chunk_lse)
         keep = valid[rows]
         out_lse[rows] = torch.where(keep, chunk_lse, 0)
         out_zy[rows] = torch.where(keep, zy, 0)
-        out_ez[rows] = torch.where(keep, ez, 0)
+        if want_ez:
+            ez = (e.unsqueeze(1) @ z.unsqueeze(2)).reshape(-1) * inv_total
+            out_ez[rows] = torch.where(keep, ez, 0)
         if coeffs is None:
             continue
-        a = coeffs.a[rows].to(compute).unsqueeze(1)
+        a = (coeffs.a[rows].to(compute) * inv_total).unsqueeze(1)
         if coeffs.b is not None:
-            # dz = p (a + b z), built in z's storage
-            dz = z.mul_(coeffs.b[rows].to(compute).unsqueeze(1)).add_(a).mul_(p)
+            # dz = p (a + b z) = e (a + b z) / total, built in z's storage
+            b_scaled = (coeffs.b[rows].to(compute) * inv_total).unsqueeze(1)
+            dz = z.mul_(b_scaled).add_(a).mul_(e)
         else:
-            dz = p.mul_(a)
+            dz = e.mul_(a)
         dz.scatter_add_(1, y, -coeffs.c[rows].to(compute).unsqueeze(1))
-        d_h[rows] = dz @ w
+        torch.mm(dz, w, out=d_h[rows])
         d_w.addmm_(dz.T, hc)
         if d_b is not None:
             d_b += dz.sum(0)

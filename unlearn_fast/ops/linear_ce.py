@@ -102,24 +102,34 @@ class _SummedCE(torch.autograd.Function):
         valid = target != ignore_index
         needs_grad = any(t is not None and t.requires_grad for t in (h, weight, bias))
         if not needs_grad:
-            lse, zy, _ = torch_path.chunked_pass(h, weight, bias, target, valid, chunk=chunk)
+            lse, zy, _ = torch_path.chunked_pass(h, weight, bias, target, valid, chunk=chunk, want_ez=False)
             return ((lse - zy).sum() * scale).to(lse.dtype)
         ones = valid.to(torch.float64 if h.dtype == torch.float64 else torch.float32)
         (lse, zy, _), grads = torch_path.chunked_pass(
-            h, weight, bias, target, valid, coeffs=torch_path.Coeffs(ones, None, ones), chunk=chunk
+            h, weight, bias, target, valid, coeffs=torch_path.Coeffs(ones, None, ones), chunk=chunk, want_ez=False
         )
-        ctx.save_for_backward(scale, *[g for g in grads if g is not None])
+        # Kept on ctx, not saved tensors, and handed over by the first backward, which scales
+        # them in place: the leaves' .grad can then take them without a copy. So, like torch's
+        # chunked linear CE, this op cannot backward twice through a retained graph.
+        ctx.grads = grads
         ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.save_for_backward(scale)
         return (lse - zy).sum() * scale
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        scale, *grads = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError(
+                "linear_cross_entropy(reduction='mean'|'sum', backend='torch') computes its gradient in the "
+                "forward pass and hands it over in the first backward; it cannot backward twice. "
+                "Use reduction='none' and reduce the result yourself if you need to."
+            )
+        (scale,) = ctx.saved_tensors
         factor = g * scale
-        out = [(grad * factor).to(dtype) for grad, dtype in zip(grads, ctx.dtypes)]
-        if len(out) == 2:
-            out.append(None)
+        grads, ctx.grads = ctx.grads, None
+        out = [grad.mul_(factor).to(dtype) if grad is not None else None for grad, dtype in zip(grads, ctx.dtypes)]
+        del grads
         return out[0], out[1], out[2], None, None, None, None
 
 

@@ -1,0 +1,226 @@
+"""Shared benchmark plumbing: timing, peak memory, one process per variant, results files, RESULTS.md.
+
+A benchmark script calls ``run_variants`` (each variant measured in a fresh
+process so that its peak memory is its own), then ``write_results``, which
+writes ``bench/results/<name>-<device>-<date>.json`` and regenerates
+``bench/RESULTS.md`` from every results file.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+REPO = BENCH_DIR.parent
+if str(REPO) not in sys.path:  # so that bench scripts can import the references kept in tests/
+    sys.path.insert(0, str(REPO))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).replace(" ", "-")
+    return f"cpu{os.cpu_count()}"
+
+
+def environment(device: torch.device) -> dict:
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("triton", "transformers"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "versions": versions,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn, device: torch.device, *, warmup: int = 1, repeat: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class PeakMemory:
+    """Extra peak memory (bytes) of the code run inside the context, above what was live at entry.
+
+    CUDA: torch's allocator statistics. CPU: the process's resident-set high-water
+    mark, reset at entry through /proc/self/clear_refs, with a sampling thread as
+    a fallback where the reset is not allowed.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.extra = 0
+
+    def __enter__(self):
+        gc.collect()
+        _mmap_large_allocations()
+        if self.device.type == "cuda":
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return self
+        self.base = _rss()
+        self.can_reset = _reset_hwm()
+        self.sampled = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.002):
+            self.sampled = max(self.sampled, _rss())
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            sync(self.device)
+            self.extra = torch.cuda.max_memory_allocated(self.device) - self.base
+            return False
+        self._stop.set()
+        self._thread.join()
+        peak = _hwm() if self.can_reset else max(self.sampled, _rss())
+        self.extra = max(0, peak - self.base)
+        return False
+
+
+def _mmap_large_allocations() -> None:
+    """Make glibc return freed blocks over 128 KiB to the OS at once, so resident memory tracks live memory.
+
+    Without this, a block freed in a warm-up step stays resident and hides the next step's peak.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (fixed, so glibc stops raising it)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _hwm() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not found")
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_variants(script: str, variants: list[str], args: list[str], *, timeout: float = 1800) -> dict:
+    """Run ``python script --worker VARIANT args...`` for each variant; each prints one JSON line last."""
+    results = {}
+    for variant in variants:
+        print(f"  {variant} ...", end=" ", flush=True)
+        cmd = [sys.executable, script, "--worker", variant, *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        if proc.returncode != 0:
+            print("FAILED")
+            sys.stderr.write(proc.stderr[-4000:])
+            results[variant] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+            continue
+        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(", ".join(f"{k}={_fmt(v)}" for k, v in results[variant].items()), flush=True)
+    return results
+
+
+def worker_report(**figures) -> None:
+    print(json.dumps(figures), flush=True)
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def write_results(name: str, payload: dict, path: str | None = None) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    env = payload.get("environment", {})
+    day = _dt.date.today().isoformat()
+    out = Path(path) if path else RESULTS_DIR / f"{name}-{env.get('device', 'unknown')}-{day}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": name, **payload}, indent=2) + "\n")
+    regenerate_results_md()
+    return out
+
+
+def regenerate_results_md() -> Path:
+    """bench/RESULTS.md: one section per results file, newest first within each benchmark."""
+    files = sorted(RESULTS_DIR.glob("*.json"))
+    runs = []
+    for f in files:
+        try:
+            runs.append((f, json.loads(f.read_text())))
+        except json.JSONDecodeError:
+            continue
+    lines = ["# Benchmark results", "", "Generated by `bench/_common.py` from `bench/results/*.json`; do not edit by hand.", ""]
+    for f, run in sorted(runs, key=lambda r: (r[1].get("benchmark", ""), r[1].get("environment", {}).get("date", "")),
+                         reverse=False):
+        env = run.get("environment", {})
+        lines += [f"## {run.get('benchmark', f.stem)} — {env.get('device', '?')} — {env.get('date', '?')}", ""]
+        versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items())
+        lines += [f"File `{f.relative_to(REPO)}`; {versions}; threads {env.get('threads', '?')}.", ""]
+        if run.get("command"):
+            lines += [f"Command: `{run['command']}`", ""]
+        if run.get("shapes"):
+            lines += ["Shapes: " + ", ".join(f"{k}={v}" for k, v in run["shapes"].items()), ""]
+        variants = run.get("variants", {})
+        columns = []
+        for fig in variants.values():
+            columns += [k for k in fig if k not in columns]
+        if variants:
+            lines += ["| variant | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+            for name, fig in variants.items():
+                lines.append(f"| {name} | " + " | ".join(_fmt(fig.get(c, "")) for c in columns) + " |")
+            lines.append("")
+        if run.get("ratios"):
+            lines += ["Ratios: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in run["ratios"].items()), ""]
+        if run.get("targets"):
+            lines += ["Targets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in run["targets"].items()), ""]
+    out = BENCH_DIR / "RESULTS.md"
+    out.write_text("\n".join(lines))
+    return out

@@ -1,0 +1,174 @@
+"""Fused linear cross-entropy (+ IRM penalty) against its peers, side by side, fwd+bwd.
+
+Variants (each in its own process, so its peak memory is its own):
+  naive_ce        F.linear + F.cross_entropy (materialised fp32 logits)
+  naive_ce_irm    naive CE per environment + IRMv1 penalty by double backprop (tests/reference.py)
+  torch_chunked   torch's F.linear_cross_entropy, LinearCrossEntropyOptions(batch_chunk_size=512)
+  ours_ce         uf.ops.linear_cross_entropy
+  ours_ce_irm     uf.ops.linear_cross_entropy_irm (env_loss.mean() + penalty)
+  liger_flce, cce on a GPU when those packages are installed.
+
+    python bench/bench_linear_ce.py                 # CPU: N=4096 H=512 V=32000 fp32; GPU: N=16384 H=4096 V=128256 bf16
+    python bench/bench_linear_ce.py --quick         # small shapes, a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from _common import PeakMemory, environment, median_time, run_variants, worker_report, write_results  # noqa: E402
+
+CPU_SHAPES = dict(N=4096, H=512, V=32000, E=4, dtype="float32")
+GPU_SHAPES = dict(N=16384, H=4096, V=128256, E=4, dtype="bfloat16")
+QUICK_SHAPES = dict(N=512, H=64, V=2000, E=4, dtype="float32")
+VARIANTS = ["naive_ce", "naive_ce_irm", "torch_chunked", "ours_ce", "ours_ce_irm"]
+GPU_VARIANTS = ["liger_flce", "cce"]
+
+
+def make_inputs(shapes, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    dtype = getattr(torch, shapes["dtype"])
+    n, hdim, vocab, envs = shapes["N"], shapes["H"], shapes["V"], shapes["E"]
+    h = torch.randn(n, hdim, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    w = (torch.randn(vocab, hdim, generator=g) / hdim**0.5).to(device=device, dtype=dtype).requires_grad_()
+    y = torch.randint(0, vocab, (n,), generator=g).to(device)
+    y[::17] = -100
+    env = (torch.arange(n) * envs // n).to(device)  # contiguous blocks, like per-sequence environments
+    return h, w, y, env
+
+
+def loss_fn(variant, h, w, y, env, envs):
+    import unlearn_fast as uf
+    from tests.reference import naive_irm
+
+    if variant == "naive_ce":
+        return lambda: F.cross_entropy(F.linear(h, w).float(), y)
+    if variant == "naive_ce_irm":
+        def naive():
+            env_loss, _, penalty = naive_irm(h, w, y, env, envs)
+            return env_loss.mean() + penalty
+        return naive
+    if variant == "torch_chunked":
+        opts = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=512)
+        return lambda: F.linear_cross_entropy(h, w, y, options=opts)
+    if variant == "ours_ce":
+        return lambda: uf.ops.linear_cross_entropy(h, w, y)
+    if variant == "ours_ce_irm":
+        def ours():
+            out = uf.ops.linear_cross_entropy_irm(h, w, y, env, num_envs=envs)
+            return out.env_loss.mean() + out.penalty
+        return ours
+    if variant == "liger_flce":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss()
+        return lambda: liger(w, h, y)
+    if variant == "cce":
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        return lambda: cce(h, w, y)
+    raise ValueError(f"unknown variant {variant}")
+
+
+def worker(variant, shapes, repeat):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with PeakMemory(device):  # the first PeakMemory also fixes glibc's allocation policy (CPU)
+        pass
+    h, w, y, env = make_inputs(shapes, device)
+    compute = loss_fn(variant, h, w, y, env, shapes["E"])
+
+    def step():
+        h.grad = w.grad = None
+        compute().backward()
+
+    step()  # warm-up (compilation, allocator)
+    h.grad = w.grad = None  # so that the baseline below holds no gradient
+    with PeakMemory(device) as mem:
+        step()
+    seconds = median_time(step, device, warmup=0, repeat=repeat)
+    worker_report(median_s=seconds, peak_extra_mb=mem.extra / 2**20)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--variants", default=None, help="comma-separated subset")
+    parser.add_argument("--json", default=None, help="results path (default bench/results/linear_ce-<device>-<date>.json)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--shapes", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    shapes = QUICK_SHAPES if args.quick else (GPU_SHAPES if cuda else CPU_SHAPES)
+    if args.worker:
+        import json
+
+        return worker(args.worker, json.loads(args.shapes), args.repeat)
+
+    import json
+
+    variants = args.variants.split(",") if args.variants else VARIANTS + (GPU_VARIANTS if cuda else [])
+    device = torch.device("cuda" if cuda else "cpu")
+    print(f"linear CE benchmark on {device}: {shapes}")
+    results = run_variants(__file__, variants, ["--shapes", json.dumps(shapes), "--repeat", str(args.repeat)])
+    ratios, targets = summarise(results, cuda)
+    payload = {
+        "environment": environment(device),
+        "command": "python bench/bench_linear_ce.py" + (" --quick" if args.quick else ""),
+        "shapes": shapes,
+        "variants": results,
+        "ratios": ratios,
+        "targets": targets,
+    }
+    out = write_results("linear_ce" + ("-quick" if args.quick else ""), payload, args.json)
+    print(f"wrote {out} and bench/RESULTS.md")
+    for k, v in ratios.items():
+        print(f"  {k:32s} {v:.3f}")
+    for k, v in targets.items():
+        print(f"  target {k}: {'met' if v else 'NOT met'}")
+
+
+def summarise(results, cuda):
+    def fig(variant, key):
+        return results.get(variant, {}).get(key)
+
+    def ratio(a, b, key):
+        x, y = fig(a, key), fig(b, key)
+        return x / y if x is not None and y else None
+
+    pairs = {
+        "ours_ce_over_torch_time": ("ours_ce", "torch_chunked", "median_s"),
+        "ours_ce_over_torch_memory": ("ours_ce", "torch_chunked", "peak_extra_mb"),
+        "ours_irm_over_torch_time": ("ours_ce_irm", "torch_chunked", "median_s"),
+        "ours_irm_over_torch_memory": ("ours_ce_irm", "torch_chunked", "peak_extra_mb"),
+        "naive_irm_over_ours_irm_time": ("naive_ce_irm", "ours_ce_irm", "median_s"),
+        "naive_irm_over_ours_irm_memory": ("naive_ce_irm", "ours_ce_irm", "peak_extra_mb"),
+        "ours_irm_over_ours_ce_time": ("ours_ce_irm", "ours_ce", "median_s"),
+    }
+    if cuda:
+        pairs.update({
+            "ours_irm_over_liger_time": ("ours_ce_irm", "liger_flce", "median_s"),
+            "ours_irm_over_cce_memory": ("ours_ce_irm", "cce", "peak_extra_mb"),
+        })
+    ratios = {k: r for k, (a, b, key) in pairs.items() if (r := ratio(a, b, key)) is not None}
+    limits = (
+        {"ours_irm_over_liger_time": 1.0, "ours_irm_over_cce_memory": 1.1, "ours_irm_over_ours_ce_time": 1.1}
+        if cuda else
+        {"ours_ce_over_torch_time": 1.0, "ours_ce_over_torch_memory": 1.2, "ours_irm_over_torch_time": 1.4,
+         "ours_irm_over_torch_memory": 1.2}
+    )
+    targets = {f"{k} <= {v}": ratios[k] <= v for k, v in limits.items() if k in ratios}
+    if not cuda:
+        for k, v in (("naive_irm_over_ours_irm_time", 3.0), ("naive_irm_over_ours_irm_memory", 8.0)):
+            if k in ratios:
+                targets[f"{k} >= {v}"] = ratios[k] >= v
+    return ratios, targets
+
+
+if __name__ == "__main__":
+    main()
