@@ -1,0 +1,84 @@
+"""Naive reference implementations of the unlearning objectives, the way the public code computes them.
+
+Full logits from ``model(**batch).logits``, a reference-model copy for NPO and
+KL, the IRM penalty by double backprop, SAM with cloned parameters. The tests
+compare ``uf.unlearning_gradients`` against these.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def token_ce(logits, labels, reduction="none"):
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction=reduction)
+
+
+def sequence_nll(model, batch):
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    ce = token_ce(out.logits, batch["labels"]).view(batch["input_ids"].shape[0], -1)
+    return ce.sum(1), (batch["labels"][:, 1:] != -100).sum(1)
+
+
+def mean_ce(model, batch):
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return token_ce(out.logits, batch["labels"], reduction="mean")
+
+
+def naive_forget_loss(model, batch, conf, ref_model=None):
+    if conf.method in ("ga", "graddiff"):
+        return -mean_ce(model, batch)
+    nll, count = sequence_nll(model, batch)
+    if conf.method == "simnpo":
+        return -(2 / conf.beta) * F.logsigmoid(conf.beta * (nll / count - conf.simnpo_delta)).mean()
+    with torch.no_grad():  # the reference code runs the reference model every step
+        ref_nll, _ = sequence_nll(ref_model, batch)
+    if conf.npo_form == "batch_mean":
+        delta = (nll.sum() - ref_nll.sum()) / count.sum()
+        return -(2 / conf.beta) * F.logsigmoid(conf.beta * delta)
+    return -(2 / conf.beta) * F.logsigmoid(conf.beta * (nll - ref_nll)).mean()
+
+
+def naive_retain_loss(model, batch, conf, ref_model=None):
+    if conf.retain_loss == "ce":
+        return mean_ce(model, batch)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    with torch.no_grad():
+        ref = ref_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    keep = batch["labels"][:, 1:] != -100
+    kl = F.kl_div(F.log_softmax(logits[keep], -1), F.log_softmax(ref[keep], -1), log_target=True, reduction="sum")
+    return kl / keep.sum()
+
+
+def naive_irm_penalty(model, env_batches):
+    """Σ_e (d CE_e(w · logits)/dw at w = 1)², by create_graph autograd (double backprop)."""
+    penalty = 0.0
+    for batch in env_batches:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        w = torch.ones((), requires_grad=True)
+        loss = token_ce(logits * w, batch["labels"], reduction="mean")
+        (g,) = torch.autograd.grad(loss, w, create_graph=True)
+        penalty = penalty + g * g
+    return penalty
+
+
+def naive_sam_gradients(model, forget_fn, rho, adaptive=False):
+    """Cloned-parameter SAM: returns ∇ℓ_f at θ + ρ g/‖g‖ as a list, restoring θ from the clones."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(forget_fn(), params)
+    clones = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        if adaptive:
+            norm = torch.sqrt(sum(((p.abs() * g) ** 2).sum() for p, g in zip(params, grads)))
+            for p, g in zip(params, grads):
+                p.add_(rho * p.abs() ** 2 * g / norm)
+        else:
+            norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+            for p, g in zip(params, grads):
+                p.add_(rho * g / norm)
+    perturbed = torch.autograd.grad(forget_fn(), params)
+    with torch.no_grad():
+        for p, c in zip(params, clones):
+            p.copy_(c)
+    return list(perturbed)

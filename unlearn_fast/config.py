@@ -1,0 +1,99 @@
+"""UnlearnConfig: the objective of one unlearning step (SPEC.md §1), validated on construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+METHODS = ("ga", "graddiff", "npo", "simnpo", "rmu")
+NPO_FORMS = ("sequence", "batch_mean")
+RETAIN_LOSSES = ("ce", "kl")
+IRM_KINDS = (None, "logit", "logit_unbiased", "param_scalar", "param_elementwise")
+COMPAT = ("default", "reference")
+_DEFAULT_BETA = {"npo": 0.1, "simnpo": 2.5}
+
+
+@dataclass
+class UnlearnConfig:
+    """What ``unlearning_gradients`` computes.
+
+    Loss: forget_weight · ℓ_f + retain_weight · ℓ_r + regularisers (SPEC §1).
+    ``beta=None`` takes the method's default (NPO 0.1, SimNPO 2.5).
+    """
+
+    method: str = "npo"
+    beta: float | None = None
+    npo_form: str = "sequence"
+    simnpo_delta: float = 0.0
+    forget_weight: float = 1.0
+    retain_weight: float = 1.0
+    retain_loss: str = "ce"
+    # ILU (SPEC §1.2)
+    irm: str | None = None
+    irm_weight: float = 0.0
+    irm_fd_step: float = 1e-3  # finite-difference step r (relative to ‖v‖ scale), param readings only
+    # SAM on the forget loss (SPEC §1.3)
+    sam_rho: float = 0.0
+    sam_adaptive: bool = False
+    # Other smoothing (SPEC §1.4)
+    rs_samples: int = 0
+    rs_sigma: float = 1e-4
+    gp_weight: float = 0.0
+    gp_step: float = 1e-3
+    cr_weight: float = 0.0
+    cr_step: float = 0.01
+    fd_step: float = 1e-3  # finite-difference step of the CR Hessian-vector products
+    # RMU (SPEC §1.1)
+    rmu_layer: int = 7
+    rmu_steering: float = 6.5
+    rmu_alpha: float = 1200.0
+    seed: int = 0
+    compat: str = "default"
+    ignore_index: int = -100
+
+    def __post_init__(self):
+        _choice("method", self.method, METHODS)
+        _choice("npo_form", self.npo_form, NPO_FORMS)
+        _choice("retain_loss", self.retain_loss, RETAIN_LOSSES)
+        _choice("irm", self.irm, IRM_KINDS)
+        _choice("compat", self.compat, COMPAT)
+        for name in ("forget_weight", "retain_weight", "irm_weight", "sam_rho", "rs_sigma", "gp_weight",
+                     "cr_weight", "rmu_alpha", "simnpo_delta"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+                raise ValueError(f"UnlearnConfig.{name} must be a number >= 0, got {value!r}")
+        for name in ("irm_fd_step", "gp_step", "cr_step", "fd_step"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"UnlearnConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.beta is None:
+            self.beta = _DEFAULT_BETA.get(self.method, 0.1)
+        if not self.beta > 0:
+            raise ValueError(f"UnlearnConfig.beta must be > 0, got {self.beta!r}")
+        if not isinstance(self.rs_samples, int) or self.rs_samples < 0:
+            raise ValueError(f"UnlearnConfig.rs_samples must be an int >= 0, got {self.rs_samples!r}")
+        if self.irm is not None and self.irm_weight == 0:
+            raise ValueError("UnlearnConfig.irm_weight must be > 0 when irm is set")
+        if self.irm is None and self.irm_weight > 0:
+            raise ValueError("UnlearnConfig.irm must name a reading ('logit', ...) when irm_weight > 0")
+        if self.method == "rmu" and (self.rmu_layer < 0 or self.rmu_steering <= 0):
+            raise ValueError("UnlearnConfig.rmu_layer must be >= 0 and rmu_steering > 0")
+        smoothers = [n for n, on in (("sam_rho", self.sam_rho > 0), ("rs_samples", self.rs_samples > 0),
+                                     ("gp_weight", self.gp_weight > 0), ("cr_weight", self.cr_weight > 0)) if on]
+        if len(smoothers) > 1:
+            raise ValueError(f"UnlearnConfig: use one forget-loss smoother at a time, got {', '.join(smoothers)}")
+
+    @property
+    def uses_retain(self) -> bool:
+        return self.method != "ga" and self.retain_weight > 0
+
+    @property
+    def needs_ref_nll(self) -> bool:
+        return self.method == "npo"
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        shown = ", ".join(repr(a) for a in allowed)
+        raise ValueError(f"UnlearnConfig.{name} must be one of {shown}, got {value!r}")

@@ -1,0 +1,81 @@
+"""NPO's reference NLL, computed once before training (SPEC §1.1): no reference model during training."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import ops
+from .lm import final_hidden, lm_parts, shift
+
+
+def fingerprint(model: nn.Module, examples) -> str:
+    """sha256 over the model's tensor names, shapes, dtypes and a strided sample of values, and the data's tokens."""
+    digest = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 256)][:256].float().cpu().numpy().tobytes()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(sample)
+    for ex in examples:
+        for key in ("input_ids", "labels"):
+            digest.update(torch.as_tensor(ex[key]).to(torch.int64).numpy().tobytes())
+        digest.update(b"|")
+    return digest.hexdigest()
+
+
+def collate(examples, pad_token_id: int = 0, device=None) -> dict:
+    """Right-pad 1-D ``input_ids``/``labels`` examples into a batch dict."""
+    length = max(len(ex["input_ids"]) for ex in examples)
+    ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for i, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        ids[i, :n] = torch.as_tensor(ex["input_ids"])
+        labels[i, :n] = torch.as_tensor(ex["labels"])
+        mask[i, :n] = 1
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+
+
+@torch.no_grad()
+def reference_nll(model: nn.Module, examples, *, batch_size: int = 8, cache_dir=None,
+                  pad_token_id: int = 0) -> torch.Tensor:
+    """Summed answer-token NLL of every example under ``model`` (fp32 [len(examples)], on the CPU).
+
+    ``examples``: a sequence of dicts with 1-D ``input_ids`` and ``labels`` (aligned, -100 = no loss).
+    With ``cache_dir`` the result is stored as safetensors keyed by a fingerprint of model and data,
+    and read back on the next call with the same model and data.
+    """
+    examples = list(examples)
+    path = None
+    if cache_dir is not None:
+        from safetensors.torch import load_file, save_file
+
+        key = fingerprint(model, examples)
+        path = Path(cache_dir) / f"ref_nll-{key[:24]}.safetensors"
+        if path.exists():
+            return load_file(str(path))["ref_nll"]
+    was_training = model.training
+    model.eval()
+    parts = lm_parts(model)
+    device = parts.head_weight.device
+    out = []
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = collate(examples[start:start + batch_size], pad_token_id, device)
+            hidden, labels = shift(final_hidden(parts, batch), batch["labels"])
+            nll, _ = ops.sequence_nll(hidden, parts.head_weight, labels, linear_bias=parts.head_bias)
+            out.append(nll.float().cpu())
+    finally:
+        model.train(was_training)
+    result = torch.cat(out) if out else torch.zeros(0)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"ref_nll": result.contiguous()}, str(tmp), metadata={"fingerprint": key})
+        tmp.replace(path)
+    return result

@@ -1,0 +1,160 @@
+"""Smoothing and parameter-space invariance regularisers by finite differences (SPEC §1.2b/c, §1.3, §1.4).
+
+Every gradient here is a combination of first-order gradients at a few points
+θ + δ: the weights are moved in place by the multi-tensor SAM engine
+(``ops.sam_perturb_``, one pass, backup in the same pass) and restored
+exactly (``ops.sam_restore_``). No double backprop, no model copy.
+
+A "loss function" is a closure returning (scalar loss, metrics). Gradients are
+accumulated into ``.grad`` (``backward``) or taken as lists (``grads_of``);
+the caller's ``.grad`` is never touched by intermediate gradients.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from . import ops
+
+
+def grads_of(loss: torch.Tensor, params) -> list[torch.Tensor]:
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads)]
+
+
+def accumulate(params, grads, scale: float) -> None:
+    """p.grad += scale · g, as backward would."""
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            if p.grad is None:
+                p.grad = (g * scale).to(p.dtype)
+            else:
+                p.grad.add_(g.to(p.grad.dtype), alpha=scale)
+
+
+@contextlib.contextmanager
+def moved_along(params, direction, step: float, *, adaptive: bool = False):
+    """θ ← θ + step · direction / ‖direction‖ (ASAM-weighted when adaptive) inside the block; exact restore after."""
+    state = ops.sam_perturb_(params, direction, step, adaptive=adaptive)
+    try:
+        yield state
+    finally:
+        ops.sam_restore_(state)
+
+
+@contextlib.contextmanager
+def moved_by(params, change_):
+    """Apply ``change_(i, p)`` in place to each parameter's data inside the block; restore bit-exactly after."""
+    with torch.no_grad():
+        backup = [p.detach().clone() for p in params]
+        for i, p in enumerate(params):
+            change_(i, p)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(list(params), backup)
+
+
+def sam_forget(params, loss_fn, weight: float, rho: float, adaptive: bool) -> dict:
+    """SAM on the forget loss: g_f = ∇ℓ_f(θ + ρ g/‖g‖), accumulated ×weight (SPEC §1.3)."""
+    loss, metrics = loss_fn()
+    grads = grads_of(loss, params)
+    with moved_along(params, grads, rho, adaptive=adaptive) as state:
+        del grads
+        perturbed, _ = loss_fn()
+        (weight * perturbed).backward()
+    metrics.update(forget_loss=float(loss.detach()), forget_loss_perturbed=float(perturbed.detach()),
+                   sam_norm=float(state.norm))
+    return metrics
+
+
+def gp_forget(params, loss_fn, weight: float, gamma: float, r: float) -> dict:
+    """ℓ_f + γ‖∇ℓ_f‖ by Zhao et al.'s form: (1 − a)∇ℓ(θ) + a∇ℓ(θ + r ∇ℓ/‖∇ℓ‖), a = γ/r (SPEC §1.4)."""
+    a = gamma / r
+    loss, metrics = loss_fn()
+    grads = grads_of(loss, params)
+    accumulate(params, grads, (1.0 - a) * weight)
+    with moved_along(params, grads, r) as state:
+        del grads
+        perturbed, _ = loss_fn()
+        (a * weight * perturbed).backward()
+    metrics.update(forget_loss=float(loss.detach()), forget_grad_norm=float(state.norm))
+    return metrics
+
+
+def rs_forget(params, loss_fn, weight: float, samples: int, sigma: float, seed: int) -> dict:
+    """ℓ_f averaged over ``samples`` Gaussian weight perturbations θ + σε (SPEC §1.4).
+
+    ε is regenerated per tensor from (seed, sample, tensor index) while the weights are moved: never stored.
+    """
+    losses = []
+    for k in range(samples):
+        def add_noise(i, p, k=k):
+            gen = torch.Generator(device=p.device).manual_seed(hash((seed, k, i)) & 0x7FFFFFFFFFFF)
+            p.add_(torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32).to(p.dtype), alpha=sigma)
+
+        with moved_by(params, add_noise):
+            loss, metrics = loss_fn()
+            (weight / samples * loss).backward()
+        losses.append(float(loss.detach()))
+    metrics.update(forget_loss=sum(losses) / len(losses))
+    return metrics
+
+
+def cr_forget(params, loss_fn, weight: float, gamma: float, h: float, r: float) -> dict:
+    """ℓ_f + γ‖∇ℓ_f(θ + h z) − ∇ℓ_f(θ)‖, z = ∇ℓ_f/‖∇ℓ_f‖ held constant (SPEC §1.4).
+
+    With d = g(θ + hz) − g(θ) and u = d/‖d‖ the regulariser's gradient is
+    (H(θ + hz) − H(θ)) u ≈ [g(θ + hz + ru) − g(θ + hz) − g(θ + ru) + g(θ)] / r.
+    """
+    loss, metrics = loss_fn()
+    g0 = grads_of(loss, params)
+    with moved_along(params, g0, h):
+        g1 = grads_of(loss_fn()[0], params)
+        d = torch._foreach_sub(g1, g0)
+        curvature = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x.float()) for x in d])))
+        with moved_along(params, d, r):
+            g2 = grads_of(loss_fn()[0], params)
+    with moved_along(params, d, r):
+        g3 = grads_of(loss_fn()[0], params)
+    accumulate(params, g0, weight * (1.0 + gamma / r))
+    accumulate(params, g2, weight * gamma / r)
+    accumulate(params, g1, -weight * gamma / r)
+    accumulate(params, g3, -weight * gamma / r)
+    metrics.update(forget_loss=float(loss.detach()), curvature=curvature)
+    return metrics
+
+
+def param_irm(params, env_loss_fns, weight: float, reading: str, r: float) -> dict:
+    """ILU's parameter readings (SPEC §1.2b/c), Hessian-vector products by finite differences.
+
+    param_scalar:      P_e = u_e²,  u_e = ⟨θ, g_e⟩;      ∇P_e = 2 u_e (g_e + H_e θ)
+    param_elementwise: P_e = ‖θ ⊙ g_e‖²;                ∇P_e = 2 θ⊙g_e⊙g_e + 2 H_e (θ⊙θ⊙g_e)
+    with H v ≈ [∇ℓ(θ + r v/‖v‖) − ∇ℓ(θ)] · ‖v‖ / r.
+    """
+    total = 0.0
+    for loss_fn in env_loss_fns:
+        g = grads_of(loss_fn(), params)
+        theta = [p.detach() for p in params]
+        if reading == "param_scalar":
+            u = float(sum((t.float() * x.float()).sum() for t, x in zip(theta, g)))
+            total += u * u
+            v = theta
+            direct = [2.0 * u * x for x in g]
+            hv_scale = 2.0 * u
+        else:
+            v = [t * t * x for t, x in zip(theta, g)]
+            total += float(sum(((t.float() * x.float()) ** 2).sum() for t, x in zip(theta, g)))
+            direct = [2.0 * t * x * x for t, x in zip(theta, g)]
+            hv_scale = 2.0
+        v_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x.float()) for x in v])))
+        accumulate(params, direct, weight)
+        if v_norm == 0.0:
+            continue
+        with moved_along(params, [x.clone() for x in v], r):
+            g_moved = grads_of(loss_fn(), params)
+        hv = [(gm - x) * (v_norm / r) for gm, x in zip(g_moved, g)]
+        accumulate(params, hv, weight * hv_scale)
+    return {"irm_penalty": total}
