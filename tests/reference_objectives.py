@@ -82,3 +82,27 @@ def naive_sam_gradients(model, forget_fn, rho, adaptive=False):
         for p, c in zip(params, clones):
             p.copy_(c)
     return list(perturbed)
+
+
+def layer_output(model, batch, layer):
+    """Output of decoder layer ``layer`` from a FULL forward (the reference RMU code's forward_with_cache)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    return out.hidden_states[layer + 1]
+
+
+def naive_rmu_loss(model, frozen, forget, retain, conf, u):
+    """mean ‖h_f − c u‖² + α mean ‖h_r − h_r(θ0)‖² over non-padding tokens (all positions if reference)."""
+
+    def mean_sq(diff, mask):
+        sq = diff.float() ** 2
+        if conf.compat == "reference":
+            return sq.mean()
+        m = mask.unsqueeze(-1).float()
+        return (sq * m).sum() / (m.sum() * sq.shape[-1])
+
+    act_f = layer_output(model, forget, conf.rmu_layer)
+    act_r = layer_output(model, retain, conf.rmu_layer)
+    with torch.no_grad():
+        act_r0 = layer_output(frozen, retain, conf.rmu_layer)
+    return (mean_sq(act_f - conf.rmu_steering * u, forget["attention_mask"])
+            + conf.rmu_alpha * mean_sq(act_r - act_r0, retain["attention_mask"]))
