@@ -1,0 +1,41 @@
+"""A deterministic tiny setup for the trainer tests: a char-level tokenizer, QA records, a tiny Llama."""
+from __future__ import annotations
+
+import torch
+
+from tests.tiny import tiny_llama
+
+
+class CharTokenizer:
+    """Just enough of a Hugging Face tokenizer for the trainer: encode and special token ids."""
+
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+
+    def encode(self, text, add_special_tokens=False):
+        return [3 + (ord(c) % 90) for c in text]
+
+
+def records(kind: str, n: int = 12):
+    names = ["ada", "bob", "cyd", "dee", "eve", "fay", "gus", "hal", "ivy", "jon", "kit", "lou", "max", "ned"]
+    if kind == "forget":
+        return [{"question": f"who is {names[i % 14]}?", "answer": f"a{i}"} for i in range(n)]
+    if kind == "retain":
+        return [{"question": f"where is {names[i % 14]}?", "answer": f"b{i}"} for i in range(n)]
+    return [{"text": f"{i} plus {i + 1} is {2 * i + 1}"} for i in range(n)]
+
+
+def setup(config, seed=0):
+    from unlearn_fast.train import tokenize_records
+
+    tok = CharTokenizer()
+    model = tiny_llama(seed=seed, layers=2, hidden=32)
+    data = {k: tokenize_records(records(k), tok, max_length=config.max_length) for k in ("forget", "retain", "env")}
+    return model, tok, data
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_weights(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)

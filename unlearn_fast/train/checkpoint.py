@@ -1,0 +1,137 @@
+"""Crash-safe checkpoints: safetensors for tensors, JSON for the rest, written aside and renamed.
+
+OUTPUT/checkpoint-STEP/ holds
+  model.safetensors      every model tensor (shared/tied tensors once)
+  optimizer.safetensors  optimizer state tensors ("<param index>.<name>")
+  extra.safetensors      RNG states, fp32 master weights, the weight average
+  state.json             step, config, optimizer scalars and param groups, scheduler, data positions
+A checkpoint is written into a temporary directory, flushed, then renamed: a
+crash at any moment leaves the previous checkpoint whole (no pickle anywhere).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+PREFIX = "checkpoint-"
+
+
+def _fsync_dir(path: Path, files: bool = True) -> None:
+    """Flush the directory's files (when asked) and the directory entry itself."""
+    for f in path.iterdir() if files else ():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def optimizer_tensors(optimizer) -> tuple[dict, dict]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"scalars": scalars, "param_groups": sd["param_groups"]}
+
+
+def restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
+    state: dict = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_state() -> tuple[dict, dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda{i}"] = s
+    py = random.getstate()
+    np_state = np.random.get_state()
+    meta = {"python": [py[0], list(py[1]), py[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    return tensors, meta
+
+
+def restore_rng(tensors: dict, meta: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    py = meta["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+
+
+def save_checkpoint(output: Path, step: int, *, model, optimizer, scheduler, state: dict,
+                    extra_tensors: dict | None = None, keep: int = 2) -> Path:
+    output = Path(output)
+    final = output / f"{PREFIX}{step}"
+    tmp = output / f".tmp-{PREFIX}{step}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    opt_tensors, opt_meta = optimizer_tensors(optimizer)
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    rng_tensors, rng_meta = rng_state()
+    extra = {f"rng.{k}": v for k, v in rng_tensors.items()}
+    extra.update({k: v.detach().contiguous().cpu() for k, v in (extra_tensors or {}).items()})
+    save_file(extra, str(tmp / "extra.safetensors"))
+    meta = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta, **state}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=_json_default))
+    _fsync_dir(tmp)
+    if final.exists():  # the same step saved again (a resumed run): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(output, files=False)
+    for old in list_checkpoints(output)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _json_default(value):
+    if torch.is_tensor(value):
+        return value.tolist()
+    raise TypeError(f"cannot store {type(value).__name__} in state.json")
+
+
+def list_checkpoints(output: Path) -> list[Path]:
+    output = Path(output)
+    if not output.exists():
+        return []
+    found = [p for p in output.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> tuple[dict, dict]:
+    """Restore model, optimizer, scheduler and RNG in place; return (state.json, extra tensors)."""
+    path = Path(path)
+    meta = json.loads((path / "state.json").read_text())
+    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    if unexpected:
+        raise ValueError(f"checkpoint {path} does not match the model: unexpected tensors {unexpected[:5]}")
+    restore_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), meta["optimizer"])
+    scheduler.load_state_dict(meta["scheduler"])
+    extra = load_file(str(path / "extra.safetensors"))
+    restore_rng({k[4:]: v for k, v in extra.items() if k.startswith("rng.")}, meta["rng"])
+    return meta, {k: v for k, v in extra.items() if not k.startswith("rng.")}

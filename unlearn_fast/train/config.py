@@ -1,0 +1,162 @@
+"""TrainConfig: one flat dataclass of short keys, read from YAML with ``yaml.safe_load``.
+
+Unknown keys and invalid values raise ``ConfigError`` naming the key and what
+is allowed; the command line turns it into one line and exit code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+
+from ..config import UnlearnConfig
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    # what to unlearn from
+    model: str = "tiny"  # "tiny", "default", "smollm2", or a local Hugging Face model directory
+    forget: str = ""  # JSON-lines file, "hf:NAME[:SPLIT]", or "synthetic" (the preset's data)
+    retain: str = ""
+    envs: list = field(default_factory=list)  # one data source per fine-tuning environment
+    text_key: str = "text"
+    question_key: str = "question"
+    answer_key: str = "answer"
+    max_length: int = 128
+    # objective (UnlearnConfig's fields, flat)
+    method: str = "npo"
+    beta: float | None = None
+    npo_form: str = "sequence"
+    forget_weight: float = 1.0
+    retain_weight: float = 1.0
+    retain_loss: str = "ce"
+    irm: str | None = None
+    irm_weight: float = 0.0
+    sam_rho: float = 0.0
+    sam_adaptive: bool = False
+    rs_samples: int = 0
+    rs_sigma: float = 1e-4
+    gp_weight: float = 0.0
+    cr_weight: float = 0.0
+    rmu_layer: int = 7
+    rmu_steering: float = 6.5
+    rmu_alpha: float = 1200.0
+    compat: str = "default"
+    # optimisation
+    lr: float = 5e-6
+    max_steps: int = 125
+    batch_size: int = 4
+    grad_accum: int = 1
+    warmup_ratio: float = 0.1
+    schedule: str = "linear"  # "linear" (warm-up then linear decay) or "constant" (after warm-up)
+    weight_decay: float = 0.0
+    clip: float = 1.0  # 0 disables clipping
+    dtype: str = "float32"  # weights: "float32" or "bfloat16"
+    master_weights: bool = False  # fp32 master copy of bf16 weights
+    gradient_checkpointing: bool = False
+    lora_r: int = 0  # > 0: train LoRA adapters (needs peft)
+    lora_alpha: float = 16.0
+    lora_targets: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    wa_start: int = -1  # >= 0: weight averaging from this step (SPEC §1.4)
+    wa_every: int = 5
+    # bookkeeping
+    seed: int = 0
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    device: str = "auto"
+
+    def __post_init__(self):
+        _choose("dtype", self.dtype, ("float32", "bfloat16"))
+        _choose("schedule", self.schedule, ("linear", "constant"))
+        for key in ("max_steps", "batch_size", "grad_accum", "save_every", "max_length", "log_every", "wa_every",
+                    "keep_checkpoints"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be an integer >= 1, got {getattr(self, key)!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ConfigError(f"lr: must be a number > 0, got {self.lr!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio!r}")
+        for key in ("weight_decay", "clip", "lora_alpha"):
+            if not (isinstance(getattr(self, key), (int, float)) and getattr(self, key) >= 0):
+                raise ConfigError(f"{key}: must be a number >= 0, got {getattr(self, key)!r}")
+        if self.master_weights and self.dtype != "bfloat16":
+            raise ConfigError("master_weights: only meaningful with dtype: bfloat16")
+        if not isinstance(self.envs, list):
+            raise ConfigError(f"envs: must be a list of data sources, got {self.envs!r}")
+        try:
+            self.unlearn_config()
+        except ValueError as exc:
+            raise ConfigError(str(exc).replace("UnlearnConfig.", "")) from None
+
+    def unlearn_config(self) -> UnlearnConfig:
+        shared = {f.name for f in fields(UnlearnConfig)} & {f.name for f in fields(self)}
+        return UnlearnConfig(**{k: getattr(self, k) for k in shared})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _choose(key, value, allowed):
+    if value not in allowed:
+        raise ConfigError(f"{key}: must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+def _coerce(key: str, value, current):
+    """A --set string or YAML value into the field's type."""
+    kind = type(current)
+    if isinstance(value, str) and current is not None and kind is not str:
+        import yaml
+
+        value = yaml.safe_load(value)
+    if current is None or value is None:
+        return value
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: must be true or false, got {value!r}")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if kind in (int, float, list, str) and not isinstance(value, kind):
+        raise ConfigError(f"{key}: must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def build_config(base: dict | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """TrainConfig from a dict (YAML) plus ``key=value`` overrides; unknown keys are refused."""
+    defaults = TrainConfig.__new__(TrainConfig)
+    known = {f.name: f for f in fields(TrainConfig)}
+    values = {}
+    for f in fields(TrainConfig):
+        values[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    items = list((base or {}).items())
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected key=value")
+        key, value = item.split("=", 1)
+        items.append((key.strip(), value))
+    for key, value in items:
+        if key not in known:
+            close = [k for k in known if k.startswith(key[:3])]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"{key}: unknown key{hint}; allowed keys: {', '.join(known)}")
+        values[key] = _coerce(key, value, values[key] if values[key] is not None else _typed_none(key))
+    del defaults
+    return TrainConfig(**values)
+
+
+def _typed_none(key):
+    return {"beta": 0.0}.get(key)
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values")
+    return build_config(data, overrides)

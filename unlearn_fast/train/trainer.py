@@ -1,0 +1,264 @@
+"""The thin trainer: a readable loop over ``unlearning_gradients``.
+
+    for step in 1..max_steps:
+        for each micro-batch: unlearning_gradients(model, forget, retain, envs)   # accumulates .grad
+        average .grad over micro-batches (and processes), stop on a non-finite loss
+        clip, optimizer step, scheduler step, weight average, log, checkpoint
+
+Resuming from OUTPUT/checkpoint-STEP restores weights, optimizer, scheduler, RNG
+and data positions, so a killed and resumed run ends bit-identical to an
+uninterrupted one (CPU).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..averaging import WeightAverager
+from ..lm import trainable_parameters
+from ..reference_nll import reference_nll
+from ..step import unlearning_gradients
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import BatchStream
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def lr_lambda(config: TrainConfig):
+    warmup = int(config.warmup_ratio * config.max_steps)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if config.schedule == "constant":
+            return 1.0
+        return max(0.0, (config.max_steps - step) / max(1, config.max_steps - warmup))
+
+    return factor
+
+
+def distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+class MasterWeights:
+    """fp32 master copies of bf16 weights: the optimizer steps the masters, the model gets them rounded."""
+
+    def __init__(self, params):
+        self.params = list(params)
+        self.masters = [p.detach().float().clone().requires_grad_(True) for p in self.params]
+
+    @torch.no_grad()
+    def grads_to_masters(self):
+        for p, m in zip(self.params, self.masters):
+            m.grad = None if p.grad is None else p.grad.float()
+
+    @torch.no_grad()
+    def masters_to_model(self):
+        for p, m in zip(self.params, self.masters):
+            p.copy_(m)
+
+
+class Trainer:
+    """Robust unlearning of a causal LM: forget/retain/environment examples in, checkpoints and metrics out."""
+
+    def __init__(self, model: nn.Module, tokenizer, config: TrainConfig, *, forget, retain=None, envs=(),
+                 output_dir="runs/train", ref_model=None, progress: bool = True):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.output = Path(output_dir)
+        self.ref_model = ref_model
+        self.progress = progress
+        self.device = next(model.parameters()).device
+        self.rank = torch.distributed.get_rank() if distributed() else 0
+        self.world = torch.distributed.get_world_size() if distributed() else 1
+        pad = getattr(tokenizer, "pad_token_id", None) or 0
+        seed, split = config.seed, dict(rank=self.rank, world=self.world)
+        self.forget = BatchStream(forget, config.batch_size, seed, pad, **split)
+        self.retain = BatchStream(retain, config.batch_size, seed + 1, pad, **split) if retain else None
+        self.envs = [BatchStream(e, config.batch_size, seed + 2 + i, pad, **split) for i, e in enumerate(envs)]
+        self.objective = config.unlearn_config()
+        if self.objective.irm and not envs:
+            raise ValueError("envs: irm needs at least one environment (fine-tuning data set)")
+        if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable()
+        self.params = trainable_parameters(model)
+        self.master = MasterWeights(self.params) if config.master_weights else None
+        opt_params = self.master.masters if self.master else self.params
+        self.optimizer = torch.optim.AdamW(opt_params, lr=config.lr, weight_decay=config.weight_decay, foreach=False)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
+        self.averager = WeightAverager(model, start=config.wa_start, every=config.wa_every) if config.wa_start >= 0 else None
+        self.ref_nll = None
+        self.step = 0
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _reference_nll(self):
+        if self.objective.needs_ref_nll:
+            cache = self.output / "ref_nll"
+            self.ref_nll = reference_nll(self.model, self.forget.examples, batch_size=self.config.batch_size,
+                                         cache_dir=cache, pad_token_id=self.forget.pad)
+
+    def _resume(self) -> None:
+        found = list_checkpoints(self.output)
+        if not found:
+            return
+        meta, extra = load_checkpoint(found[-1], model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        self.step = meta["step"]
+        for stream, state in zip(self._streams(), meta["streams"]):
+            stream.load_state_dict(state)
+        if self.master:
+            for i, m in enumerate(self.master.masters):
+                m.data.copy_(extra[f"master.{i}"])
+        if self.averager and meta.get("averager"):
+            self.averager.count = meta["averager"]["count"]
+            self.averager.average = {k[3:]: v for k, v in extra.items() if k.startswith("wa.")}
+        self._log({"event": "resumed", "step": self.step, "checkpoint": str(found[-1])})
+
+    def _streams(self):
+        return [s for s in (self.forget, self.retain, *self.envs) if s is not None]
+
+    # -- the loop ------------------------------------------------------------------------------
+    def train(self, *, resume: bool = False) -> dict:
+        self.output.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            (self.output / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1))
+        self._reference_nll()
+        if resume:
+            self._resume()
+        self.model.train()
+        bar = self._bar()
+        last = {}
+        while self.step < self.config.max_steps:
+            start = time.perf_counter()
+            last, tokens = self._accumulate()
+            self._check_finite(last)
+            last["grad_norm"] = self._clip()
+            if self.master:
+                self.master.grads_to_masters()
+            self.optimizer.step()
+            if self.master:
+                self.master.masters_to_model()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.model.zero_grad(set_to_none=True)
+            self.step += 1
+            if self.averager:
+                self.averager.update(self.model, self.step)
+            last.update(step=self.step, lr=self.scheduler.get_last_lr()[0],
+                        tokens_per_s=tokens / max(time.perf_counter() - start, 1e-9))
+            if self.step % self.config.log_every == 0 or self.step == self.config.max_steps:
+                self._log(last)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.4g}", penalty=f"{last.get('irm_penalty', 0):.3g}",
+                                tok_s=f"{last['tokens_per_s']:.0f}")
+            if self.step % self.config.save_every == 0 and self.step < self.config.max_steps:
+                self.save()
+        if bar is not None:
+            bar.close()
+        if self.averager and self.averager.count:
+            self.averager.copy_to(self.model)
+        self.save_final()
+        return last
+
+    def _accumulate(self) -> tuple[dict, int]:
+        totals: dict = {}
+        tokens = 0
+        for micro in range(self.config.grad_accum):
+            forget = self.forget.next_batch(self.device, extra={"ref_nll": self.ref_nll} if self.ref_nll is not None else None)
+            retain = self.retain.next_batch(self.device) if self.retain else None
+            envs = [e.next_batch(self.device) for e in self.envs]
+            metrics = unlearning_gradients(self.model, forget, retain, envs, self.objective, ref_model=self.ref_model,
+                                           step=self.step * self.config.grad_accum + micro)
+            tokens += sum(int(b["attention_mask"].sum()) for b in [forget, retain, *envs] if b is not None)
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + v / self.config.grad_accum
+        scale = 1.0 / (self.config.grad_accum * self.world)
+        with torch.no_grad():
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                if self.world > 1:
+                    torch.distributed.all_reduce(p.grad)
+                p.grad.mul_(scale)
+        return totals, tokens * self.world
+
+    def _check_finite(self, metrics: dict) -> None:
+        bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            checkpoints = list_checkpoints(self.output)
+            where = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
+            raise NonFiniteLoss(f"non-finite {', '.join(bad)} at step {self.step + 1}: stopping; {where}")
+
+    def _clip(self) -> float:
+        if self.config.clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.clip)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in self.params]))
+        return float(norm)
+
+    # -- output --------------------------------------------------------------------------------
+    def save(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        extra = {}
+        if self.master:
+            extra.update({f"master.{i}": m.detach() for i, m in enumerate(self.master.masters)})
+        state = {"streams": [s.state_dict() for s in self._streams()], "config": self.config.to_dict()}
+        if self.averager:
+            extra.update({f"wa.{k}": v for k, v in self.averager.average.items()})
+            state["averager"] = {"count": self.averager.count}
+        return save_checkpoint(self.output, self.step, model=self.model, optimizer=self.optimizer,
+                               scheduler=self.scheduler, state=state, extra_tensors=extra,
+                               keep=self.config.keep_checkpoints)
+
+    def save_final(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        final, tmp = self.output / "final", self.output / f".tmp-final-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = self.model.merge_and_unload() if hasattr(self.model, "merge_and_unload") else self.model
+        model.save_pretrained(tmp, safe_serialization=True)
+        if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+            self.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final
+
+    def _log(self, record: dict) -> None:
+        if self.rank != 0:
+            return
+        with open(self.output / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if getattr(self, "_tb", None) is None and "loss" in record:
+            self._tb = _tensorboard(self.output)
+        if getattr(self, "_tb", None) and "loss" in record:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(k, v, record["step"])
+
+    def _bar(self):
+        if not self.progress or self.rank != 0:
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return None
+        return tqdm(total=self.config.max_steps, initial=self.step, desc=f"unlearn {self.config.method}", unit="step")
+
+
+def _tensorboard(output: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return False
+    return SummaryWriter(str(output / "tensorboard"))
