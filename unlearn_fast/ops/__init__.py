@@ -6,6 +6,7 @@ from .linear_ce import (
     linear_cross_entropy_irm,
     sequence_nll,
 )
+from .multi_tensor import SAMState, global_grad_norm, sam_perturb_, sam_restore_
 
 __all__ = [
     "IRMOutput",
@@ -13,4 +14,8 @@ __all__ = [
     "linear_cross_entropy",
     "linear_cross_entropy_irm",
     "sequence_nll",
+    "SAMState",
+    "global_grad_norm",
+    "sam_perturb_",
+    "sam_restore_",
 ]
