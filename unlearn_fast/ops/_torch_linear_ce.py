@@ -13,6 +13,12 @@ is, for upstream gradients g_ce and g_m,
     a_t = g_ce + g_m (1 − ez_t),  b_t = g_m,  c_t = g_ce + g_m
 so a pass over the chunks that recomputes z can form d z in place and
 accumulate d input = dz W, d weight = dzᵀ h, d bias = Σ dz.
+
+The forward pass (and plain CE's gradient-in-forward) walks chunks of tokens. The
+recompute-in-backward pass knows lse already, so it may walk blocks of the vocabulary
+instead: each block's rows of d weight are then written once, and only the smaller
+d input [N, H] is accumulated. Token chunks re-read and re-write the whole [V, H]
+d weight once per chunk, so the vocabulary walk moves less memory whenever N < V.
 """
 from __future__ import annotations
 
@@ -90,7 +96,8 @@ def chunked_pass(
         if lse is None:
             shift = z.amax(dim=1, keepdim=True)
         else:
-            shift = lse[rows].to(compute).unsqueeze(1)
+            # Ignored tokens: p = exp(z − inf) = 0, never inf·0 from a large logit.
+            shift = torch.where(valid[rows], lse[rows].to(compute), torch.inf).unsqueeze(1)
         e = torch.sub(z, shift, out=e_buf[: hc.shape[0]]) if two_blocks else z.sub_(shift)
         e.exp_()
         if lse is None:
@@ -112,7 +119,7 @@ def chunked_pass(
         if coeffs.b is not None:
             # dz = p (a + b z) = e (a + b z) / total, built in z's storage
             b_scaled = (coeffs.b[rows].to(compute) * inv_total).unsqueeze(1)
-            dz = z.mul_(b_scaled).add_(a).mul_(e)
+            dz = torch.addcmul(a, z, b_scaled, out=z).mul_(e)
         else:
             dz = e.mul_(a)
         dz.scatter_add_(1, y, -coeffs.c[rows].to(compute).unsqueeze(1))
@@ -124,3 +131,60 @@ def chunked_pass(
     if coeffs is None:
         return stats
     return stats, (d_h, d_w, d_b)
+
+
+def backward_by_vocab(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    valid: torch.Tensor,
+    lse: torch.Tensor,
+    coeffs: Coeffs,
+    *,
+    block: int | None = None,
+):
+    """Gradients (d_input, d_weight, d_bias) in the compute dtype, walking blocks of vocabulary rows.
+
+    Same maths as ``chunked_pass(..., lse=lse, coeffs=coeffs)``; the workspace is
+    [N, block] (one block, two when the p⊙z term is needed).
+    """
+    n, hidden = h.shape
+    vocab = weight.shape[0]
+    two_blocks = coeffs.b is not None
+    compute = torch.float64 if h.dtype == torch.float64 else torch.float32
+    block = block or max(1, _WORKSPACE_ELEMS // ((2 if two_blocks else 1) * max(n, 1)))
+    block = min(block, vocab)
+    hc = h.to(compute)
+    w = weight.to(compute)
+    d_h = torch.zeros(n, hidden, dtype=compute, device=h.device)
+    d_w = torch.empty(vocab, hidden, dtype=compute, device=h.device)
+    d_b = torch.empty(vocab, dtype=compute, device=h.device) if bias is not None else None
+    # Ignored tokens get p = exp(z − inf) = 0, so their rows of d z vanish whatever their logits.
+    shift = torch.where(valid, lse.to(compute), torch.inf).unsqueeze(1)
+    a = coeffs.a.to(compute).unsqueeze(1)
+    b = coeffs.b.to(compute).unsqueeze(1) if two_blocks else None
+    rows = valid.nonzero().squeeze(1)
+    rows_target, rows_c = target[rows], coeffs.c.to(compute)[rows]
+    z_flat = torch.empty(n * block, dtype=compute, device=h.device)
+    e_flat = torch.empty_like(z_flat) if two_blocks else None
+    for start in range(0, vocab, block):
+        stop = min(start + block, vocab)
+        w_block = w[start:stop]
+        z = z_flat[: n * (stop - start)].view(n, stop - start)
+        if bias is not None:
+            torch.addmm(bias[start:stop].to(compute), hc, w_block.T, out=z)
+        else:
+            torch.mm(hc, w_block.T, out=z)
+        if two_blocks:
+            p = torch.sub(z, shift, out=e_flat[: z.numel()].view_as(z)).exp_()
+            dz = torch.addcmul(a, z, b, out=z).mul_(p)  # p (a + b z), in z's storage
+        else:
+            dz = z.sub_(shift).exp_().mul_(a)
+        here = (rows_target >= start) & (rows_target < stop)
+        dz.index_put_((rows[here], rows_target[here] - start), -rows_c[here], accumulate=True)
+        torch.mm(dz.T, hc, out=d_w[start:stop])
+        d_h.addmm_(dz, w_block)
+        if d_b is not None:
+            torch.sum(dz, 0, out=d_b[start:stop])
+    return d_h, d_w, d_b

@@ -78,12 +78,20 @@ class _TokenStats(torch.autograd.Function):
             g_m = torch.where(valid, g_m.to(lse.dtype), 0)
             a, b, c = g_ce + g_m * (1 - ez), g_m, g_ce + g_m
         if ctx.backend == "triton":
-            d_h, d_w, d_b = _kernels().linear_ce_backward(h, weight, bias, target, lse, a, b, c)
+            # p = exp(z − inf) = 0 on ignored tokens, never inf·0 from a large logit.
+            lse_p = torch.where(valid, lse, torch.inf)
+            d_h, d_w, d_b = _kernels().linear_ce_backward(h, weight, bias, target, lse_p, a, b, c)
         else:
             coeffs = torch_path.Coeffs(a, b, c)
-            _, (d_h, d_w, d_b) = torch_path.chunked_pass(
-                h, weight, bias, target, valid, lse=lse, coeffs=coeffs, chunk=ctx.chunk
-            )
+            if h.shape[0] < weight.shape[0]:
+                # Fewer tokens than vocabulary rows: walk the vocabulary (see _torch_linear_ce).
+                block = ctx.chunk * weight.shape[0] // max(h.shape[0], 1) if ctx.chunk else None
+                d_h, d_w, d_b = torch_path.backward_by_vocab(h, weight, bias, target, valid, lse, coeffs,
+                                                             block=block)
+            else:
+                _, (d_h, d_w, d_b) = torch_path.chunked_pass(
+                    h, weight, bias, target, valid, lse=lse, coeffs=coeffs, chunk=ctx.chunk
+                )
         d_b = d_b.to(bias.dtype) if d_b is not None else None
         return d_h.to(h.dtype), d_w.to(weight.dtype), d_b, None, None, None, None
 
