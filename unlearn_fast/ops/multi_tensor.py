@@ -7,17 +7,27 @@ The norm stays on the device (no host sync); under torch.distributed the squared
 norm is all-reduced before the square root. The backup is the weights as they
 were, so the restore is a copy: bit-exact in every dtype.
 
-This module is the torch (``torch._foreach_*``) path; faster engines plug in
-behind the same three functions.
+Engines behind the same three functions (``backend=``, default ``UNLEARN_FAST_SAM_BACKEND`` or "auto"):
+  "cpp"    the compiled multi-tensor ops of csrc/ (one pass per op over the whole list; CPU:
+           at::parallel_for, CUDA: multi-tensor apply), JIT-built at first use (ops/_cpp.py);
+  "triton" single launches over one flat buffer, when the tensors are views of one buffer per
+           dtype (``uf.flatten_parameters``) on CUDA (or under TRITON_INTERPRET=1);
+  "torch"  ``torch._foreach_*``: the fallback, always available.
+"auto" picks triton for flat CUDA buffers, else cpp when it builds (UNLEARN_FAST_NO_CPP=1 turns it
+off), else torch. All engines give the same numbers up to one rounding (tests compare each to the
+naive per-parameter loop).
 """
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
 
 import torch
 
 _TINY = 1e-12
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BACKENDS = ("auto", "torch", "cpp", "triton")
 
 
 @dataclass
@@ -29,6 +39,7 @@ class SAMState:
     norm: torch.Tensor
     scale: torch.Tensor
     restored: bool = field(default=False)
+    backend: str = field(default="torch")
 
 
 def _check_list(name: str, tensors) -> list:
@@ -45,22 +56,22 @@ def _check_list(name: str, tensors) -> list:
     return tensors
 
 
-def _pairs(params, grads):
-    params = _check_list("params", params)
-    grads = _check_list("grads", grads)
+def _pairs(params, grads, pname="params", gname="grads"):
+    params = _check_list(pname, params)
+    grads = _check_list(gname, grads)
     if len(params) != len(grads):
-        raise ValueError(f"params and grads must have the same length, got {len(params)} and {len(grads)}")
+        raise ValueError(f"{pname} and {gname} must have the same length, got {len(params)} and {len(grads)}")
     kept_p, kept_g = [], []
     device = None
     for i, (p, g) in enumerate(zip(params, grads)):
         if p is None or g is None:
             continue
         if p.shape != g.shape:
-            raise ValueError(f"grads[{i}] has shape {tuple(g.shape)}, expected params[{i}]'s {tuple(p.shape)}")
+            raise ValueError(f"{gname}[{i}] has shape {tuple(g.shape)}, expected {pname}[{i}]'s {tuple(p.shape)}")
         if device is None:
             device = p.device
         if p.device != device or g.device != device:
-            raise ValueError(f"params[{i}] and grads[{i}] must be on {device}, got {p.device} and {g.device}")
+            raise ValueError(f"{pname}[{i}] and {gname}[{i}] must be on {device}, got {p.device} and {g.device}")
         kept_p.append(p)
         kept_g.append(g)
     return kept_p, kept_g, device
@@ -73,6 +84,52 @@ def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+# -- engine selection ------------------------------------------------------------------------------
+
+def _cpp_usable(device: torch.device) -> bool:
+    from . import _cpp
+
+    return _cpp.available(device)
+
+
+def resolve_backend(backend, tensors, others=None) -> str:
+    """The engine for these tensors (and ``others``, the list they are combined with; see the module docstring)."""
+    if backend is None:
+        backend = os.environ.get("UNLEARN_FAST_SAM_BACKEND", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not tensors:
+        return "torch"
+    device = tensors[0].device
+    if backend == "auto":
+        from unlearn_fast.flatten import flat_groups
+
+        if device.type == "cuda" and flat_groups(tensors, others) is not None and _triton_importable():
+            return "triton"
+        if device.type in ("cpu", "cuda") and _cpp_usable(device):
+            return "cpp"
+        return "torch"
+    if backend == "cpp":
+        from . import _cpp
+
+        _cpp.load(device)  # raises a RuntimeError naming what is missing
+    if backend == "triton":
+        from ._checks import resolve_backend as resolve_kernel_backend
+
+        resolve_kernel_backend("triton", device)
+    return backend
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# -- torch (foreach) path ------------------------------------------------------------------------
+
 def _squared_norm(tensors, weights=None) -> torch.Tensor:
     if weights is None:
         parts = [t.detach().float() for t in tensors]
@@ -82,7 +139,36 @@ def _squared_norm(tensors, weights=None) -> torch.Tensor:
     return torch.stack(norms).square().sum()
 
 
-def global_grad_norm(tensors, *, adaptive_params=None) -> torch.Tensor:
+def _torch_perturb(params, grads, backup, scale, adaptive):
+    torch._foreach_copy_(backup, [p.detach() for p in params])
+    steps = [g.detach().to(torch.float32, copy=True) for g in grads]  # never scale the caller's grads
+    if adaptive:
+        steps = [s.mul_(b.float().square()) for s, b in zip(steps, backup)]
+    torch._foreach_mul_(steps, scale)
+    for p, b, s in zip(params, backup, steps):
+        p.copy_(s.add_(b.float()))  # in fp32, one rounding to p's dtype
+
+
+def _squared_norm_by(backend, tensors, weights) -> torch.Tensor:
+    """Σ ‖w⊙t‖² over the list as an fp32 device scalar (not yet all-reduced)."""
+    if backend == "cpp":
+        from . import _cpp
+
+        return _cpp.ops().squared_norm(tensors, weights, False)[0]
+    if backend == "triton":
+        from unlearn_fast.flatten import flat_groups
+        from unlearn_fast.kernels import multi_tensor as k
+
+        total = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
+        for flat, wflat in flat_groups(tensors, weights):
+            total = total + k.squared_norm(flat, wflat)
+        return total
+    return _squared_norm(tensors, weights)
+
+
+# -- public ops ----------------------------------------------------------------------------------
+
+def global_grad_norm(tensors, *, adaptive_params=None, backend: str | None = None) -> torch.Tensor:
     """‖tensors‖₂ as one fp32 device scalar (‖|adaptive_params|⊙tensors‖₂ for ASAM); None entries are skipped."""
     tensors = _check_list("tensors", tensors)
     if adaptive_params is not None:
@@ -90,34 +176,67 @@ def global_grad_norm(tensors, *, adaptive_params=None) -> torch.Tensor:
         if len(adaptive_params) != len(tensors):
             raise ValueError(f"adaptive_params must have the same length as tensors, got "
                              f"{len(adaptive_params)} and {len(tensors)}")
-        kept = [(t, w) for t, w in zip(tensors, adaptive_params) if t is not None and w is not None]
-        tensors, weights = [t for t, _ in kept], [w for _, w in kept]
+        tensors, weights, _ = _pairs(adaptive_params, tensors, "adaptive_params", "tensors")
+        tensors, weights = weights, tensors
     else:
         tensors, weights = [t for t in tensors if t is not None], None
+        if any(t.device != tensors[0].device for t in tensors):
+            raise ValueError("tensors must all be on one device")
+    engine = resolve_backend(backend, tensors, weights)
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
-    return _all_reduce_sum(_squared_norm(tensors, weights)).sqrt()
+    return _all_reduce_sum(_squared_norm_by(engine, tensors, weights)).sqrt()
+
+
+def _check_backup(backup, params):
+    backup = _check_list("backup", backup)
+    if len(backup) != len(params):
+        raise ValueError(f"backup must have one tensor per moved parameter ({len(params)}), got {len(backup)}")
+    for i, (b, p) in enumerate(zip(backup, params)):
+        if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+            raise ValueError(f"backup[{i}] must match params[{i}] in shape, dtype and device")
+    return backup
 
 
 @torch.no_grad()
-def sam_perturb_(params, grads, rho: float, *, adaptive: bool = False) -> SAMState:
-    """θ ← θ + ρ·g/‖g‖ in place (ASAM: ρ·|θ|²⊙g/‖|θ|⊙g‖), keeping a backup for ``sam_restore_``."""
-    if not isinstance(rho, (int, float)) or rho < 0:
-        raise ValueError(f"rho must be a non-negative number, got {rho!r}")
+def sam_perturb_(params, grads, rho: float, *, adaptive: bool = False, backend: str | None = None,
+                 backup=None) -> SAMState:
+    """θ ← θ + ρ·g/‖g‖ in place (ASAM: ρ·|θ|²⊙g/‖|θ|⊙g‖), keeping a backup for ``sam_restore_``.
+
+    ``backup``: optional preallocated tensors (one per parameter that has a gradient, in order) to
+    reuse across steps; by default a fresh one is allocated.
+    """
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 0 or math.isinf(rho):
+        raise ValueError(f"rho must be a finite non-negative number, got {rho!r}")
     params, grads, device = _pairs(params, grads)
+    engine = resolve_backend(backend, params, grads)
     if not params:
         zero = torch.zeros((), dtype=torch.float32)
-        return SAMState([], [], zero, zero)
-    norm = _all_reduce_sum(_squared_norm(grads, params if adaptive else None)).sqrt()
-    scale = rho / norm.clamp_min(_TINY)
-    backup = [p.detach().clone() for p in params]
-    steps = [g.detach().to(torch.float32, copy=True) for g in grads]  # never scale the caller's grads
-    if adaptive:
-        steps = [s.mul_(b.float().square()) for s, b in zip(steps, backup)]
-    torch._foreach_mul_(steps, scale)
-    for p, b, s in zip(params, backup, steps):
-        p.copy_(s.add_(b.float()))  # in fp32, one rounding to p's dtype
-    return SAMState(params, backup, norm, scale)
+        return SAMState([], [], zero, zero, backend=engine)
+    backup = _check_backup(backup, params) if backup is not None else _new_backup(params, engine)
+    norm = _all_reduce_sum(_squared_norm_by(engine, grads, params if adaptive else None)).sqrt()
+    scale = rho / norm.clamp_min(_TINY)  # n = 0 gives s = 0 (and 0·g = 0), never NaN
+    if engine == "cpp":
+        from . import _cpp
+
+        _cpp.ops().perturb_(params, grads, backup, scale, adaptive)
+    elif engine == "triton":
+        from unlearn_fast.flatten import flat_groups
+        from unlearn_fast.kernels import multi_tensor as k
+
+        for (pf, gf), (bf, _) in zip(flat_groups(params, grads), flat_groups(backup, params)):
+            k.perturb_(pf, gf, bf, scale, adaptive)
+    else:
+        _torch_perturb(params, grads, backup, scale, adaptive)
+    return SAMState(params, backup, norm, scale, backend=engine)
+
+
+def _new_backup(params, engine):
+    if engine == "triton":  # the Triton path wants the backup flat as well
+        from unlearn_fast.flatten import flat_like
+
+        return flat_like(params)
+    return [torch.empty_like(p, memory_format=torch.preserve_format).detach() for p in params]
 
 
 @torch.no_grad()
@@ -128,6 +247,17 @@ def sam_restore_(state: SAMState) -> None:
     if state.restored:
         raise RuntimeError("this SAMState was already restored")
     if state.params:
-        torch._foreach_copy_(state.params, state.backup)
+        if state.backend == "cpp":
+            from . import _cpp
+
+            _cpp.ops().restore_(state.params, state.backup)
+        elif state.backend == "triton":
+            from unlearn_fast.flatten import flat_groups
+            from unlearn_fast.kernels import multi_tensor as k
+
+            for pf, bf in flat_groups(state.params, state.backup):
+                k.restore_(pf, bf)
+        else:
+            torch._foreach_copy_(state.params, state.backup)
     state.backup = []
     state.restored = True

@@ -1,0 +1,157 @@
+"""Multi-tensor SAM ops against the naive per-parameter loop (tests/reference_sam.py), every backend."""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+import pytest
+import torch
+
+import unlearn_fast as uf
+from tests.reference_sam import max_ulps, naive_global_norm, naive_perturbed
+
+SHAPES = [(7, 5), (13,), (3, 4, 5), (1,), (64, 33), (2, 1, 9)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make(dtype, shapes=SHAPES, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
+    grads = [(scale * torch.randn(s, generator=g)).to(dtype) for s in shapes]
+    return params, grads
+
+
+def bits(t):
+    return t.view({torch.float32: torch.int32, torch.float64: torch.int64}.get(t.dtype, torch.int16))
+
+
+@pytest.fixture(params=["torch"])
+def mt_backend(request):
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_global_norm_matches_fp64(dtype, adaptive, mt_backend):
+    params, grads = make(dtype)
+    got = uf.ops.global_grad_norm(grads, adaptive_params=params if adaptive else None, backend=mt_backend)
+    want = naive_global_norm(grads, params if adaptive else None)
+    assert got.dtype == torch.float32 and got.dim() == 0
+    assert abs(float(got) - want) <= 4 * torch.finfo(torch.float32).eps * want
+
+
+def test_global_norm_skips_none_and_empty(mt_backend):
+    params, grads = make(torch.float32)
+    with_none = [grads[0], None, grads[2]]
+    assert float(uf.ops.global_grad_norm(with_none, backend=mt_backend)) == pytest.approx(
+        naive_global_norm([grads[0], grads[2]]), rel=1e-6)
+    assert float(uf.ops.global_grad_norm([None, None], backend=mt_backend)) == 0.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_perturb_within_one_ulp_and_restore_bit_exact(dtype, adaptive, mt_backend):
+    params, grads = make(dtype, seed=1)
+    before = [p.detach().clone() for p in params]
+    grads_before = [g.clone() for g in grads]
+    rho = 0.5 if adaptive else 0.05  # large enough that the step shows in bf16
+    state = uf.ops.sam_perturb_(params, grads, rho, adaptive=adaptive, backend=mt_backend)
+    want = naive_perturbed(before, grads, rho, adaptive, scale=float(state.scale))
+    exact_scale = rho / naive_global_norm(grads, before if adaptive else None)
+    assert abs(float(state.scale) - exact_scale) <= 4 * torch.finfo(torch.float32).eps * exact_scale
+    moved = sum(not torch.equal(p, b) for p, b in zip(params, before))
+    assert moved >= len(params) - 1, "the perturbation must move the weights"
+    for p, w, b in zip(params, want, before):
+        assert p.dtype == dtype
+        assert max_ulps(p.detach(), w, b) <= 1.0
+    assert float(state.norm) == pytest.approx(naive_global_norm(grads, before if adaptive else None),
+                                              rel=1e-6)
+    for g, g0 in zip(grads, grads_before):
+        assert torch.equal(g, g0), "the caller's gradients must not change"
+    uf.ops.sam_restore_(state)
+    for p, b in zip(params, before):
+        assert torch.equal(bits(p.detach()), bits(b))
+    with pytest.raises(RuntimeError, match="already restored"):
+        uf.ops.sam_restore_(state)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_gradient_gives_no_move_and_no_nan(dtype, mt_backend):
+    params, _ = make(dtype)
+    before = [p.detach().clone() for p in params]
+    zeros = [torch.zeros_like(p) for p in params]
+    for adaptive in (False, True):
+        state = uf.ops.sam_perturb_(params, zeros, 0.05, adaptive=adaptive, backend=mt_backend)
+        assert float(state.norm) == 0.0 and not math.isnan(float(state.scale))
+        for p, b in zip(params, before):
+            assert torch.equal(p.detach(), b)
+        uf.ops.sam_restore_(state)
+
+
+def test_none_grads_are_skipped(mt_backend):
+    params, grads = make(torch.float32, seed=2)
+    before = [p.detach().clone() for p in params]
+    grads[1] = None
+    grads[4] = None
+    state = uf.ops.sam_perturb_(params, grads, 0.1, backend=mt_backend)
+    want = naive_perturbed(before, grads, 0.1, scale=float(state.scale))
+    assert torch.equal(params[1].detach(), before[1]) and torch.equal(params[4].detach(), before[4])
+    for p, w, b in zip(params, want, before):
+        assert max_ulps(p.detach(), w, b) <= 1.0
+    uf.ops.sam_restore_(state)
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+
+
+def test_bad_input_names_the_argument(mt_backend):
+    params, grads = make(torch.float32)
+    with pytest.raises(ValueError, match="same length"):
+        uf.ops.sam_perturb_(params, grads[:-1], 0.1, backend=mt_backend)
+    with pytest.raises(ValueError, match=r"grads\[1\]"):
+        uf.ops.sam_perturb_(params, [grads[0], grads[0]] + grads[2:], 0.1, backend=mt_backend)
+    with pytest.raises(ValueError, match="rho"):
+        uf.ops.sam_perturb_(params, grads, -0.1, backend=mt_backend)
+    with pytest.raises(ValueError, match=r"params\[0\]"):
+        uf.ops.sam_perturb_(params, [grads[0].to("meta")] + grads[1:], 0.1, backend=mt_backend)
+    with pytest.raises(TypeError, match=r"grads\[0\]"):
+        uf.ops.sam_perturb_(params, [grads[0].long()] + grads[1:], 0.1, backend=mt_backend)
+    with pytest.raises(TypeError, match=r"params\[2\]"):
+        uf.ops.sam_perturb_(params[:2] + [torch.zeros(3, 4, 5, dtype=torch.int32)] + params[3:], grads, 0.1,
+                            backend=mt_backend)
+    with pytest.raises(TypeError, match="tensors"):
+        uf.ops.global_grad_norm([torch.ones(3, dtype=torch.int64)], backend=mt_backend)
+    with pytest.raises(ValueError, match="adaptive_params"):
+        uf.ops.global_grad_norm(grads, adaptive_params=params[:-1], backend=mt_backend)
+    with pytest.raises(TypeError, match="state"):
+        uf.ops.sam_restore_("not a state")
+    with pytest.raises(ValueError, match="backend"):
+        uf.ops.global_grad_norm(grads, backend="cuda-magic")
+
+
+def _gloo_worker(rank, world, init_file, results_dir):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        g = torch.Generator().manual_seed(100 + rank)  # each rank holds different gradients
+        grads = [torch.randn(s, generator=g) for s in SHAPES]
+        params = [torch.randn(s, generator=g) for s in SHAPES]
+        norm = uf.ops.global_grad_norm(grads)
+        state = uf.ops.sam_perturb_(params, grads, 0.1)
+        torch.save({"grads": grads, "norm": norm, "sam_norm": state.norm},
+                   os.path.join(results_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_distributed_norm_is_the_global_one():
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_gloo_worker, args=(2, os.path.join(tmp, "store"), tmp), nprocs=2, join=True)
+        out = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+    everything = out[0]["grads"] + out[1]["grads"]
+    want = naive_global_norm(everything)
+    local = naive_global_norm(out[0]["grads"])
+    assert abs(want - local) > 1e-3 * want  # the test can tell the global norm from a local one
+    for o in out:
+        assert float(o["norm"]) == pytest.approx(want, rel=1e-6)
+        assert float(o["sam_norm"]) == pytest.approx(want, rel=1e-6)

@@ -1,0 +1,3 @@
+"""placeholder"""
+def flat_groups(tensors, others=None):
+    return None

@@ -1,0 +1,2 @@
+def available(device):
+    return False
