@@ -26,8 +26,20 @@ def bits(t):
     return t.view({torch.float32: torch.int32, torch.float64: torch.int64}.get(t.dtype, torch.int16))
 
 
-@pytest.fixture(params=["torch"])
+@pytest.fixture(scope="session")
+def cpp_ops():
+    """The compiled extension, built once per test session (a build failure fails the cpp tests)."""
+    from unlearn_fast.ops import _cpp
+
+    if _cpp.disabled():
+        pytest.skip("UNLEARN_FAST_NO_CPP=1")
+    return _cpp.load()
+
+
+@pytest.fixture(params=["torch", "cpp"])
 def mt_backend(request):
+    if request.param == "cpp":
+        request.getfixturevalue("cpp_ops")
     return request.param
 
 
@@ -146,7 +158,10 @@ def test_distributed_norm_is_the_global_one():
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_gloo_worker, args=(2, os.path.join(tmp, "store"), tmp), nprocs=2, join=True)
+        # fork: the children reuse the imported torch (spawn re-imports it, ~10 s per process here)
+        method = "fork" if not torch.cuda.is_available() else "spawn"
+        mp.start_processes(_gloo_worker, args=(2, os.path.join(tmp, "store"), tmp), nprocs=2, join=True,
+                           start_method=method)
         out = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
     everything = out[0]["grads"] + out[1]["grads"]
     want = naive_global_norm(everything)
@@ -155,3 +170,58 @@ def test_distributed_norm_is_the_global_one():
     for o in out:
         assert float(o["norm"]) == pytest.approx(want, rel=1e-6)
         assert float(o["sam_norm"]) == pytest.approx(want, rel=1e-6)
+
+
+def test_cpp_per_tensor_norms_and_asam_weighting(cpp_ops):
+    params, grads = make(torch.bfloat16, seed=3)
+    total, per = cpp_ops.squared_norm(grads, [], True)
+    assert per.shape == (len(grads),)
+    for g, n2 in zip(grads, per):
+        assert float(n2) == pytest.approx(float((g.double() ** 2).sum()), rel=1e-6)
+    assert float(total) == pytest.approx(naive_global_norm(grads) ** 2, rel=1e-6)
+    total_w, _ = cpp_ops.squared_norm(grads, params, False)
+    assert float(total_w) == pytest.approx(naive_global_norm(grads, params) ** 2, rel=1e-6)
+
+
+def test_cpp_matches_torch_path_bit_for_bit(cpp_ops):
+    """The compiled perturbation does the same fp32 operations as the foreach path, in the same order."""
+    for dtype in DTYPES:
+        for adaptive in (False, True):
+            p1, grads = make(dtype, shapes=[(300, 257), (5,), (70000,)], seed=4)
+            p2 = [torch.nn.Parameter(p.detach().clone()) for p in p1]
+            s1 = uf.ops.sam_perturb_(p1, grads, 0.3, adaptive=adaptive, backend="torch")
+            s2 = uf.ops.sam_perturb_(p2, grads, 0.3, adaptive=adaptive, backend="cpp")
+            if torch.equal(s1.scale, s2.scale):
+                assert all(torch.equal(bits(a.detach()), bits(b.detach())) for a, b in zip(p1, p2))
+            else:  # the two norms sum in different orders; the updates are then within one ulp
+                want = naive_perturbed([b for b in s1.backup], grads, 0.3, adaptive, scale=float(s2.scale))
+                assert all(max_ulps(b.detach(), w, o) <= 1 for b, w, o in zip(p2, want, s1.backup))
+
+
+def test_auto_backend_picks_cpp_on_cpu(cpp_ops, monkeypatch):
+    params, grads = make(torch.float32)
+    monkeypatch.delenv("UNLEARN_FAST_SAM_BACKEND", raising=False)
+    state = uf.ops.sam_perturb_(params, grads, 0.1)
+    assert state.backend == "cpp"
+    uf.ops.sam_restore_(state)
+    # non-contiguous tensors go to the foreach path
+    t = [p.detach().t() for p in params if p.dim() == 2]
+    assert uf.ops.sam_perturb_(t, [x.clone() for x in t], 0.1).backend == "torch"
+
+
+def test_no_cpp_env_forces_the_foreach_path(monkeypatch):
+    from unlearn_fast.ops import _cpp
+
+    monkeypatch.setenv("UNLEARN_FAST_NO_CPP", "1")
+    params, grads = make(torch.float32)
+    assert uf.ops.sam_perturb_(params, grads, 0.1).backend == "torch"
+    with pytest.raises(RuntimeError, match="UNLEARN_FAST_NO_CPP"):
+        _cpp.load()
+
+
+def test_cpp_restore_large_mixed_list_bit_exact(cpp_ops):
+    params, grads = make(torch.bfloat16, shapes=[(100_003,), (7, 7), (40_000,)], seed=5)
+    before = [bits(p.detach()).clone() for p in params]
+    state = uf.ops.sam_perturb_(params, grads, 1.0, backend="cpp")
+    uf.ops.sam_restore_(state)
+    assert all(torch.equal(bits(p.detach()), b) for p, b in zip(params, before))

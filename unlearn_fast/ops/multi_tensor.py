@@ -106,18 +106,28 @@ def resolve_backend(backend, tensors, others=None) -> str:
 
         if device.type == "cuda" and flat_groups(tensors, others) is not None and _triton_importable():
             return "triton"
-        if device.type in ("cpu", "cuda") and _cpp_usable(device):
+        if _cpp_compatible(tensors, others) and _cpp_usable(device):
             return "cpp"
         return "torch"
     if backend == "cpp":
         from . import _cpp
 
+        if not _cpp_compatible(tensors, others):
+            raise ValueError("backend='cpp' needs contiguous CPU/CUDA tensors with matching dtypes in each pair")
         _cpp.load(device)  # raises a RuntimeError naming what is missing
     if backend == "triton":
         from ._checks import resolve_backend as resolve_kernel_backend
 
         resolve_kernel_backend("triton", device)
     return backend
+
+
+def _cpp_compatible(tensors, others) -> bool:
+    if tensors[0].device.type not in ("cpu", "cuda"):
+        return False
+    if not all(t.is_contiguous() for t in tensors):
+        return False
+    return others is None or all(o.is_contiguous() and o.dtype == t.dtype for t, o in zip(tensors, others))
 
 
 def _triton_importable() -> bool:
@@ -154,7 +164,8 @@ def _squared_norm_by(backend, tensors, weights) -> torch.Tensor:
     if backend == "cpp":
         from . import _cpp
 
-        return _cpp.ops().squared_norm(tensors, weights, False)[0]
+        weights = [w.detach() for w in weights] if weights else []
+        return _cpp.ops().squared_norm([t.detach() for t in tensors], weights, False)[0]
     if backend == "triton":
         from unlearn_fast.flatten import flat_groups
         from unlearn_fast.kernels import multi_tensor as k
