@@ -91,7 +91,7 @@ __global__ void squared_norm_kernel(const int64_t* table, int cols, float* parti
   acc_t acc = 0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     acc_t v = static_cast<acc_t>(x[begin + i]);
-    if (Weighted) v *= abs(static_cast<acc_t>(w[begin + i]));
+    if (Weighted) v *= fabs(static_cast<acc_t>(w[begin + i]));
     acc += v * v;
   }
   __shared__ acc_t shared[kThreads];

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import unlearn_fast as uf
+from tests.conftest import HAS_TRITON
 from tests.reference_sam import max_ulps, naive_global_norm, naive_perturbed
 
 SHAPES = [(7, 5), (13,), (3, 4, 5), (1,), (64, 33), (2, 1, 9)]
@@ -36,10 +37,13 @@ def cpp_ops():
     return _cpp.load()
 
 
-@pytest.fixture(params=["torch", "cpp"])
+@pytest.fixture(params=["torch", "cpp", "triton"])
 def mt_backend(request):
     if request.param == "cpp":
         request.getfixturevalue("cpp_ops")
+    if request.param == "triton" and not (HAS_TRITON and (torch.cuda.is_available() or
+                                                          os.environ.get("TRITON_INTERPRET") == "1")):
+        pytest.skip("needs triton on a GPU or under TRITON_INTERPRET=1")
     return request.param
 
 
@@ -179,7 +183,7 @@ def test_cpp_per_tensor_norms_and_asam_weighting(cpp_ops):
     for g, n2 in zip(grads, per):
         assert float(n2) == pytest.approx(float((g.double() ** 2).sum()), rel=1e-6)
     assert float(total) == pytest.approx(naive_global_norm(grads) ** 2, rel=1e-6)
-    total_w, _ = cpp_ops.squared_norm(grads, params, False)
+    total_w, _ = cpp_ops.squared_norm(grads, [p.detach() for p in params], False)
     assert float(total_w) == pytest.approx(naive_global_norm(grads, params) ** 2, rel=1e-6)
 
 
@@ -187,7 +191,7 @@ def test_cpp_matches_torch_path_bit_for_bit(cpp_ops):
     """The compiled perturbation does the same fp32 operations as the foreach path, in the same order."""
     for dtype in DTYPES:
         for adaptive in (False, True):
-            p1, grads = make(dtype, shapes=[(300, 257), (5,), (70000,)], seed=4)
+            p1, grads = make(dtype, shapes=[(70, 33), (5,), (40000,)], seed=4)
             p2 = [torch.nn.Parameter(p.detach().clone()) for p in p1]
             s1 = uf.ops.sam_perturb_(p1, grads, 0.3, adaptive=adaptive, backend="torch")
             s2 = uf.ops.sam_perturb_(p2, grads, 0.3, adaptive=adaptive, backend="cpp")
@@ -225,3 +229,82 @@ def test_cpp_restore_large_mixed_list_bit_exact(cpp_ops):
     state = uf.ops.sam_perturb_(params, grads, 1.0, backend="cpp")
     uf.ops.sam_restore_(state)
     assert all(torch.equal(bits(p.detach()), b) for p, b in zip(params, before))
+
+
+def _tiny_mlp(dtype):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(9, 17), torch.nn.Tanh(), torch.nn.Linear(17, 5, bias=False),
+                                torch.nn.LayerNorm(5)).to(dtype)
+    model[3].bias.requires_grad_(False)  # a frozen parameter stays out of the flat buffer
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flatten_parameters_makes_views_of_one_buffer(dtype):
+    model = _tiny_mlp(dtype)
+    x = torch.randn(4, 9).to(dtype)
+    want_out = model(x)
+    snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flat = uf.flatten_parameters(model)
+    assert len(flat.buffers) == 1
+    buf = flat.buffers[0]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert buf.numel == sum(p.numel() for p in trainable)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), snapshot[name])
+        if p.requires_grad:
+            assert p.untyped_storage().data_ptr() == buf.data.untyped_storage().data_ptr()
+            assert p.grad.untyped_storage().data_ptr() == buf.grad.untyped_storage().data_ptr()
+        else:
+            assert p.untyped_storage().data_ptr() != buf.data.untyped_storage().data_ptr()
+    assert torch.equal(model(x), want_out)
+    model(x).float().square().sum().backward()  # autograd accumulates into the flat gradient views
+    assert buf.grad.abs().sum() > 0
+    want = [p.grad.clone() for p in trainable]
+    grads = [p.grad for p in trainable]
+    from unlearn_fast.flatten import flat_groups
+
+    groups = flat_groups(trainable, grads)
+    assert groups is not None and len(groups) == 1 and groups[0][0].numel() == buf.numel
+    flat.zero_grad()
+    assert all(float(p.grad.abs().sum()) == 0 for p in trainable)
+    assert all(p.grad.untyped_storage().data_ptr() == buf.grad.untyped_storage().data_ptr() for p in trainable)
+    assert len(want) == len(grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_triton_flat_path_single_run(dtype, adaptive):
+    if not HAS_TRITON or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("needs triton")
+    model = _tiny_mlp(dtype)
+    flat = uf.flatten_parameters(model)
+    model(torch.randn(3, 9).to(dtype)).float().sum().backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad for p in params]
+    before = [p.detach().clone() for p in params]
+    state = uf.ops.sam_perturb_(params, grads, 0.2, adaptive=adaptive, backend="triton")
+    assert state.backend == "triton"
+    want = naive_perturbed(before, grads, 0.2, adaptive, scale=float(state.scale))
+    assert float(state.norm) == pytest.approx(naive_global_norm(grads, before if adaptive else None), rel=1e-6)
+    for p, w, b in zip(params, want, before):
+        assert max_ulps(p.detach(), w, b) <= 1.0
+    uf.ops.sam_restore_(state)
+    assert all(torch.equal(bits(p.detach()), bits(b)) for p, b in zip(params, before))
+    assert flat.buffers[0].data.numel() == sum(p.numel() for p in params)
+
+
+def test_triton_fd_hvp_accumulate():
+    if not HAS_TRITON or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("needs triton")
+    from unlearn_fast.kernels import multi_tensor as k
+
+    g = torch.Generator().manual_seed(7)
+    acc, gm, g0 = (torch.randn(700, generator=g) for _ in range(3))
+    gm, g0 = gm.bfloat16(), g0.bfloat16()
+    want = acc.double() + 2.5 * (gm.double() - g0.double())
+    k.fd_hvp_accumulate_(acc, gm, g0, torch.tensor(2.5))
+    assert torch.allclose(acc.double(), want, rtol=1e-6, atol=1e-6)
+    want = acc.double() - 0.5 * gm.double()
+    k.fd_hvp_accumulate_(acc, gm, None, torch.tensor(-0.5))
+    assert torch.allclose(acc.double(), want, rtol=1e-6, atol=1e-6)

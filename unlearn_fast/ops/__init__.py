@@ -7,6 +7,7 @@ from .linear_ce import (
     sequence_nll,
 )
 from .multi_tensor import SAMState, global_grad_norm, sam_perturb_, sam_restore_
+from .multi_tensor import BACKENDS as MULTI_TENSOR_BACKENDS
 
 __all__ = [
     "IRMOutput",
@@ -18,4 +19,5 @@ __all__ = [
     "global_grad_norm",
     "sam_perturb_",
     "sam_restore_",
+    "MULTI_TENSOR_BACKENDS",
 ]
