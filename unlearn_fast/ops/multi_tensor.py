@@ -40,6 +40,7 @@ class SAMState:
     scale: torch.Tensor
     restored: bool = field(default=False)
     backend: str = field(default="torch")
+    has_backup: bool = field(default=True)
 
 
 def _check_list(name: str, tensors) -> list:
@@ -150,13 +151,19 @@ def _squared_norm(tensors, weights=None) -> torch.Tensor:
 
 
 def _torch_perturb(params, grads, backup, scale, adaptive):
-    torch._foreach_copy_(backup, [p.detach() for p in params])
-    steps = [g.detach().to(torch.float32, copy=True) for g in grads]  # never scale the caller's grads
+    if backup is not params:
+        torch._foreach_copy_(backup, [p.detach() for p in params])
+    # fp32 arithmetic (fp64 for fp64 weights), never scaling the caller's grads; one rounding to p's dtype
+    steps = [g.detach().to(_opmath(p.dtype), copy=True) for p, g in zip(params, grads)]
     if adaptive:
-        steps = [s.mul_(b.float().square()) for s, b in zip(steps, backup)]
+        steps = [s.mul_(b.to(s.dtype).square()) for s, b in zip(steps, backup)]
     torch._foreach_mul_(steps, scale)
     for p, b, s in zip(params, backup, steps):
-        p.copy_(s.add_(b.float()))  # in fp32, one rounding to p's dtype
+        p.copy_(s.add_(b.to(s.dtype)))
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _squared_norm_by(backend, tensors, weights) -> torch.Tensor:
@@ -211,11 +218,14 @@ def _check_backup(backup, params):
 
 @torch.no_grad()
 def sam_perturb_(params, grads, rho: float, *, adaptive: bool = False, backend: str | None = None,
-                 backup=None) -> SAMState:
+                 backup=None, keep_backup: bool = True) -> SAMState:
     """θ ← θ + ρ·g/‖g‖ in place (ASAM: ρ·|θ|²⊙g/‖|θ|⊙g‖), keeping a backup for ``sam_restore_``.
 
     ``backup``: optional preallocated tensors (one per parameter that has a gradient, in order) to
     reuse across steps; by default a fresh one is allocated.
+    ``keep_backup=False``: no backup at all, for weights that are recomputed from fp32 masters
+    anyway (the trainer's bf16 model weights); such a state is restored with
+    ``uf.optim.restore_from_masters``, not ``sam_restore_``.
     """
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 0 or math.isinf(rho):
         raise ValueError(f"rho must be a finite non-negative number, got {rho!r}")
@@ -224,7 +234,12 @@ def sam_perturb_(params, grads, rho: float, *, adaptive: bool = False, backend: 
     if not params:
         zero = torch.zeros((), dtype=torch.float32)
         return SAMState([], [], zero, zero, backend=engine)
-    backup = _check_backup(backup, params) if backup is not None else _new_backup(params, engine)
+    if not keep_backup:
+        backup = params  # the kernels write θ over itself before moving it: no extra memory
+    elif backup is not None:
+        backup = _check_backup(backup, params)
+    else:
+        backup = _new_backup(params, engine)
     norm = _all_reduce_sum(_squared_norm_by(engine, grads, params if adaptive else None)).sqrt()
     scale = rho / norm.clamp_min(_TINY)  # n = 0 gives s = 0 (and 0·g = 0), never NaN
     if engine == "cpp":
@@ -239,7 +254,7 @@ def sam_perturb_(params, grads, rho: float, *, adaptive: bool = False, backend: 
             k.perturb_(pf, gf, bf, scale, adaptive)
     else:
         _torch_perturb(params, grads, backup, scale, adaptive)
-    return SAMState(params, backup, norm, scale, backend=engine)
+    return SAMState(params, backup if keep_backup else [], norm, scale, backend=engine, has_backup=keep_backup)
 
 
 def _new_backup(params, engine):
@@ -257,6 +272,9 @@ def sam_restore_(state: SAMState) -> None:
         raise TypeError(f"state must be the SAMState returned by sam_perturb_, got {type(state).__name__}")
     if state.restored:
         raise RuntimeError("this SAMState was already restored")
+    if not state.has_backup:
+        raise RuntimeError("this SAMState has no backup (keep_backup=False): recompute the weights from their "
+                           "fp32 masters (uf.optim.restore_from_masters)")
     if state.params:
         if state.backend == "cpp":
             from . import _cpp
@@ -272,3 +290,61 @@ def sam_restore_(state: SAMState) -> None:
             torch._foreach_copy_(state.params, state.backup)
     state.backup = []
     state.restored = True
+
+
+@torch.no_grad()
+def fd_hvp_accumulate_(acc, g_moved, g_base, coeff, *, restore: SAMState | None = None,
+                       backend: str | None = None) -> None:
+    """acc ← acc + coeff·(g_moved − g_base) (g_base None: acc + coeff·g_moved), then ``sam_restore_(restore)``.
+
+    The step of a finite-difference Hessian-vector product (SPEC §1.2, §1.4): with g_moved the
+    gradient at θ + r v/‖v‖, g_base the one at θ and coeff = ‖v‖/r, acc gains H v. ``coeff`` may be
+    a device scalar. The compiled path does the accumulation and the restore in one pass.
+    """
+    acc = _check_list("acc", acc)
+    g_moved = _check_list("g_moved", g_moved)
+    if len(acc) != len(g_moved):
+        raise ValueError(f"acc and g_moved must have the same length, got {len(acc)} and {len(g_moved)}")
+    if g_base is not None:
+        g_base = _check_list("g_base", g_base)
+        if len(g_base) != len(acc):
+            raise ValueError(f"g_base must have the length of acc ({len(acc)}), got {len(g_base)}")
+    for i, (a, g) in enumerate(zip(acc, g_moved)):
+        if a is None or g is None or a.shape != g.shape or a.device != g.device:
+            raise ValueError(f"g_moved[{i}] must match acc[{i}] in shape and device")
+        if g_base is not None and (g_base[i] is None or g_base[i].shape != g.shape or g_base[i].dtype != g.dtype):
+            raise ValueError(f"g_base[{i}] must match g_moved[{i}] in shape and dtype")
+    if restore is not None and not isinstance(restore, SAMState):
+        raise TypeError(f"restore must be a SAMState, got {type(restore).__name__}")
+    if not acc:
+        if restore is not None:
+            sam_restore_(restore)
+        return
+    device = acc[0].device
+    coeff_t = torch.as_tensor(coeff, dtype=torch.float32).to(device)
+    engine = resolve_backend(backend, acc)
+    same_dtypes = all(g.dtype == g_moved[0].dtype for g in g_moved)
+    if engine == "cpp" and restore is not None and restore.backend == "cpp" and restore.has_backup \
+            and not restore.restored and _cpp_compatible(g_moved, None) and same_dtypes:
+        from . import _cpp
+
+        _cpp.ops().fd_hvp_accumulate_(acc, [g.detach() for g in g_moved],
+                                      [g.detach() for g in g_base] if g_base is not None else [], coeff_t,
+                                      restore.params, restore.backup)
+        restore.backup = []
+        restore.restored = True
+        return
+    if engine == "cpp" and _cpp_compatible(g_moved, None):
+        from . import _cpp
+
+        _cpp.ops().fd_hvp_accumulate_(acc, [g.detach() for g in g_moved],
+                                      [g.detach() for g in g_base] if g_base is not None else [], coeff_t, [], [])
+    else:
+        diff = [g.detach().to(_opmath(a.dtype), copy=True) for a, g in zip(acc, g_moved)]
+        if g_base is not None:
+            torch._foreach_sub_(diff, [g.detach().to(d.dtype) for d, g in zip(diff, g_base)])
+        torch._foreach_mul_(diff, coeff_t)
+        for a, d in zip(acc, diff):
+            a.copy_(d.add_(a.to(d.dtype)))
+    if restore is not None:
+        sam_restore_(restore)
