@@ -308,3 +308,15 @@ def test_triton_fd_hvp_accumulate():
     want = acc.double() - 0.5 * gm.double()
     k.fd_hvp_accumulate_(acc, gm, None, torch.tensor(-0.5))
     assert torch.allclose(acc.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_cpp_loader_names_the_missing_tool(monkeypatch):
+    from torch.utils import cpp_extension
+
+    from unlearn_fast.ops import _cpp
+
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    missing = " ".join(_cpp._missing_tools(cuda=False))
+    assert "ninja" in missing and "no-such-compiler-xyz" in missing
+    assert (_cpp.source_dir() / "multi_tensor.cpp").exists()
