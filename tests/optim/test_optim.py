@@ -278,3 +278,23 @@ def test_fd_hvp_accumulate_op_against_naive(engine, acc_dtype, g_dtype):
     assert state.restored and all(torch.equal(p.detach(), b) for p, b in zip(params, before))
     with pytest.raises(ValueError, match=r"g_moved\[0\]"):
         uf.ops.fd_hvp_accumulate_(acc, [gm[1]] + gm[1:], None, 1.0)
+
+
+def test_sam_step_with_fp32_masters_needs_no_backup(engine):
+    """bf16 model weights + fp32 masters: perturb without backup, model ← round(master) undoes it exactly."""
+    grads_seen = []
+    for keep in (True, False):
+        model, forget, retain = _tiny_problem(torch.bfloat16, seed=4)
+        params = list(model.parameters())
+        masters = [p.detach().float().clone() for p in params]
+        before = [bits(p.detach()).clone() for p in params]
+        sam = uf.optim.SAM(params, rho=0.05, backend=engine)
+        out = sam.step(forget, retain, restore=keep, keep_backup=keep)
+        if not keep:
+            assert out["sam_state"].backup == [] and sam.state is None
+            uf.optim.restore_from_masters(out["sam_state"], masters)
+        assert all(torch.equal(bits(p.detach()), b) for p, b in zip(params, before))
+        grads_seen.append([p.grad.clone() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*grads_seen))
+    with pytest.raises(ValueError, match="keep_backup"):
+        uf.optim.SAM(params).step(forget, keep_backup=False)

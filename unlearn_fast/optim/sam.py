@@ -110,13 +110,18 @@ class SAM:
             self.restore()
 
     def step(self, forget_closure: Callable[[], torch.Tensor], retain_closure: Callable[[], torch.Tensor] | None = None,
-             *, forget_weight: float = 1.0, retain_weight: float = 1.0, restore: bool = True) -> dict:
+             *, forget_weight: float = 1.0, retain_weight: float = 1.0, restore: bool = True,
+             keep_backup: bool = True) -> dict:
         """Accumulate forget_weight·∇ℓ_f(θ') + retain_weight·∇ℓ_r(θ) into ``.grad`` (SPEC §1.3).
 
         The closures recompute their loss from the current weights. ``restore=False`` leaves the
         weights perturbed and returns the pending state under "sam_state" for
         ``FusedAdamW.step(sam_state=...)``, which restores and updates in one pass.
+        ``keep_backup=False`` (needs ``restore=False``): no backup at all, for weights that are
+        recomputed from fp32 masters after the optimizer step (``restore_from_masters``).
         """
+        if not keep_backup and restore:
+            raise ValueError("keep_backup=False needs restore=False (the weights come back from the fp32 masters)")
         out = {}
         if retain_closure is not None:
             retain = retain_closure()
@@ -124,7 +129,7 @@ class SAM:
             out["retain_loss"] = retain.detach()
         forget = forget_closure()
         direction = _grads(forget, self.params)
-        state = self.perturb(direction)
+        state = self.perturb(direction, keep_backup=keep_backup)
         del direction
         perturbed = forget_closure()
         (forget_weight * perturbed).backward()
@@ -133,6 +138,8 @@ class SAM:
             self.restore()
         else:
             out["sam_state"] = state
+            if not keep_backup:
+                self.state = None  # nothing to restore from here: the caller recomputes from its masters
         return out
 
 
