@@ -14,6 +14,8 @@ restore: read backup, write θ); the machine's copy bandwidth is measured in the
 
     python bench/bench_sam.py            # CPU: 32 layers, hidden 384, ~69M params fp32; GPU: 7B shapes bf16
     python bench/bench_sam.py --quick    # small shapes, a smoke run
+    OMP_NUM_THREADS=1 python bench/bench_sam.py --json bench/results/sam-cpu2-1thread-DATE.json
+                                         # one thread: less sensitive to a shared, oversubscribed machine
 """
 from __future__ import annotations
 
@@ -205,7 +207,10 @@ def main():
     print(f"SAM benchmark on {device}: {shapes}, {len(llama_shapes(shapes))} tensors, {total / 1e6:.1f}M params")
     results = run_variants(__file__, variants, ["--shapes", json.dumps(shapes), "--repeat", str(args.repeat)])
     ratios, targets = summarise(results, cuda)
-    command = "python bench/bench_sam.py" + (" --quick" if args.quick else "") + (
+    import os
+
+    threads = os.environ.get("OMP_NUM_THREADS")
+    command = (f"OMP_NUM_THREADS={threads} " if threads else "") + "python bench/bench_sam.py" + (" --quick" if args.quick else "") + (
         f" --dtype {args.dtype}" if args.dtype else "")
     payload = {
         "environment": environment(device),
