@@ -105,7 +105,8 @@ def resolve_backend(backend, tensors, others=None) -> str:
     if backend == "auto":
         from unlearn_fast.flatten import flat_groups
 
-        if device.type == "cuda" and flat_groups(tensors, others) is not None and _triton_importable():
+        no_fp64 = all(t.dtype != torch.float64 for t in tensors + list(others or []))
+        if device.type == "cuda" and no_fp64 and flat_groups(tensors, others) is not None and _triton_importable():
             return "triton"
         if _cpp_compatible(tensors, others) and _cpp_usable(device):
             return "cpp"
