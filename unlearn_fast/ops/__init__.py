@@ -6,7 +6,8 @@ from .linear_ce import (
     linear_cross_entropy_irm,
     sequence_nll,
 )
-from .multi_tensor import SAMState, global_grad_norm, sam_perturb_, sam_restore_
+from .multi_tensor import SAMState, fd_hvp_accumulate_, global_grad_norm, sam_perturb_, sam_restore_
+from .multi_tensor import BACKENDS as MULTI_TENSOR_BACKENDS
 
 __all__ = [
     "IRMOutput",
@@ -18,4 +19,6 @@ __all__ = [
     "global_grad_norm",
     "sam_perturb_",
     "sam_restore_",
+    "MULTI_TENSOR_BACKENDS",
+    "fd_hvp_accumulate_",
 ]

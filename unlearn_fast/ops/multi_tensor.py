@@ -7,17 +7,27 @@ The norm stays on the device (no host sync); under torch.distributed the squared
 norm is all-reduced before the square root. The backup is the weights as they
 were, so the restore is a copy: bit-exact in every dtype.
 
-This module is the torch (``torch._foreach_*``) path; faster engines plug in
-behind the same three functions.
+Engines behind the same three functions (``backend=``, default ``UNLEARN_FAST_SAM_BACKEND`` or "auto"):
+  "cpp"    the compiled multi-tensor ops of csrc/ (one pass per op over the whole list; CPU:
+           at::parallel_for, CUDA: multi-tensor apply), JIT-built at first use (ops/_cpp.py);
+  "triton" single launches over one flat buffer, when the tensors are views of one buffer per
+           dtype (``uf.flatten_parameters``) on CUDA (or under TRITON_INTERPRET=1);
+  "torch"  ``torch._foreach_*``: the fallback, always available.
+"auto" picks triton for flat CUDA buffers, else cpp when it builds (UNLEARN_FAST_NO_CPP=1 turns it
+off), else torch. All engines give the same numbers up to one rounding (tests compare each to the
+naive per-parameter loop).
 """
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
 
 import torch
 
 _TINY = 1e-12
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BACKENDS = ("auto", "torch", "cpp", "triton")
 
 
 @dataclass
@@ -29,6 +39,8 @@ class SAMState:
     norm: torch.Tensor
     scale: torch.Tensor
     restored: bool = field(default=False)
+    backend: str = field(default="torch")
+    has_backup: bool = field(default=True)
 
 
 def _check_list(name: str, tensors) -> list:
@@ -45,22 +57,22 @@ def _check_list(name: str, tensors) -> list:
     return tensors
 
 
-def _pairs(params, grads):
-    params = _check_list("params", params)
-    grads = _check_list("grads", grads)
+def _pairs(params, grads, pname="params", gname="grads"):
+    params = _check_list(pname, params)
+    grads = _check_list(gname, grads)
     if len(params) != len(grads):
-        raise ValueError(f"params and grads must have the same length, got {len(params)} and {len(grads)}")
+        raise ValueError(f"{pname} and {gname} must have the same length, got {len(params)} and {len(grads)}")
     kept_p, kept_g = [], []
     device = None
     for i, (p, g) in enumerate(zip(params, grads)):
         if p is None or g is None:
             continue
         if p.shape != g.shape:
-            raise ValueError(f"grads[{i}] has shape {tuple(g.shape)}, expected params[{i}]'s {tuple(p.shape)}")
+            raise ValueError(f"{gname}[{i}] has shape {tuple(g.shape)}, expected {pname}[{i}]'s {tuple(p.shape)}")
         if device is None:
             device = p.device
         if p.device != device or g.device != device:
-            raise ValueError(f"params[{i}] and grads[{i}] must be on {device}, got {p.device} and {g.device}")
+            raise ValueError(f"{pname}[{i}] and {gname}[{i}] must be on {device}, got {p.device} and {g.device}")
         kept_p.append(p)
         kept_g.append(g)
     return kept_p, kept_g, device
@@ -73,6 +85,63 @@ def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+# -- engine selection ------------------------------------------------------------------------------
+
+def _cpp_usable(device: torch.device) -> bool:
+    from . import _cpp
+
+    return _cpp.available(device)
+
+
+def resolve_backend(backend, tensors, others=None) -> str:
+    """The engine for these tensors (and ``others``, the list they are combined with; see the module docstring)."""
+    if backend is None:
+        backend = os.environ.get("UNLEARN_FAST_SAM_BACKEND", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not tensors:
+        return "torch"
+    device = tensors[0].device
+    if backend == "auto":
+        from unlearn_fast.flatten import flat_groups
+
+        no_fp64 = all(t.dtype != torch.float64 for t in tensors + list(others or []))
+        if device.type == "cuda" and no_fp64 and flat_groups(tensors, others) is not None and _triton_importable():
+            return "triton"
+        if _cpp_compatible(tensors, others) and _cpp_usable(device):
+            return "cpp"
+        return "torch"
+    if backend == "cpp":
+        from . import _cpp
+
+        if not _cpp_compatible(tensors, others):
+            raise ValueError("backend='cpp' needs contiguous CPU/CUDA tensors with matching dtypes in each pair")
+        _cpp.load(device)  # raises a RuntimeError naming what is missing
+    if backend == "triton":
+        from ._checks import resolve_backend as resolve_kernel_backend
+
+        resolve_kernel_backend("triton", device)
+    return backend
+
+
+def _cpp_compatible(tensors, others) -> bool:
+    if tensors[0].device.type not in ("cpu", "cuda"):
+        return False
+    if not all(t.is_contiguous() for t in tensors):
+        return False
+    return others is None or all(o.is_contiguous() and o.dtype == t.dtype for t, o in zip(tensors, others))
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# -- torch (foreach) path ------------------------------------------------------------------------
+
 def _squared_norm(tensors, weights=None) -> torch.Tensor:
     if weights is None:
         parts = [t.detach().float() for t in tensors]
@@ -82,7 +151,43 @@ def _squared_norm(tensors, weights=None) -> torch.Tensor:
     return torch.stack(norms).square().sum()
 
 
-def global_grad_norm(tensors, *, adaptive_params=None) -> torch.Tensor:
+def _torch_perturb(params, grads, backup, scale, adaptive):
+    if backup is not params:
+        torch._foreach_copy_(backup, [p.detach() for p in params])
+    # fp32 arithmetic (fp64 for fp64 weights), never scaling the caller's grads; one rounding to p's dtype
+    steps = [g.detach().to(_opmath(p.dtype), copy=True) for p, g in zip(params, grads)]
+    if adaptive:
+        steps = [s.mul_(b.to(s.dtype).square()) for s, b in zip(steps, backup)]
+    torch._foreach_mul_(steps, scale)
+    for p, b, s in zip(params, backup, steps):
+        p.copy_(s.add_(b.to(s.dtype)))
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _squared_norm_by(backend, tensors, weights) -> torch.Tensor:
+    """Σ ‖w⊙t‖² over the list as an fp32 device scalar (not yet all-reduced)."""
+    if backend == "cpp":
+        from . import _cpp
+
+        weights = [w.detach() for w in weights] if weights else []
+        return _cpp.ops().squared_norm([t.detach() for t in tensors], weights, False)[0]
+    if backend == "triton":
+        from unlearn_fast.flatten import flat_groups
+        from unlearn_fast.kernels import multi_tensor as k
+
+        total = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
+        for flat, wflat in flat_groups(tensors, weights):
+            total = total + k.squared_norm(flat, wflat)
+        return total
+    return _squared_norm(tensors, weights)
+
+
+# -- public ops ----------------------------------------------------------------------------------
+
+def global_grad_norm(tensors, *, adaptive_params=None, backend: str | None = None) -> torch.Tensor:
     """‖tensors‖₂ as one fp32 device scalar (‖|adaptive_params|⊙tensors‖₂ for ASAM); None entries are skipped."""
     tensors = _check_list("tensors", tensors)
     if adaptive_params is not None:
@@ -90,34 +195,75 @@ def global_grad_norm(tensors, *, adaptive_params=None) -> torch.Tensor:
         if len(adaptive_params) != len(tensors):
             raise ValueError(f"adaptive_params must have the same length as tensors, got "
                              f"{len(adaptive_params)} and {len(tensors)}")
-        kept = [(t, w) for t, w in zip(tensors, adaptive_params) if t is not None and w is not None]
-        tensors, weights = [t for t, _ in kept], [w for _, w in kept]
+        tensors, weights, _ = _pairs(adaptive_params, tensors, "adaptive_params", "tensors")
+        tensors, weights = weights, tensors
     else:
         tensors, weights = [t for t in tensors if t is not None], None
+        if any(t.device != tensors[0].device for t in tensors):
+            raise ValueError("tensors must all be on one device")
+    engine = resolve_backend(backend, tensors, weights)
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
-    return _all_reduce_sum(_squared_norm(tensors, weights)).sqrt()
+    return _all_reduce_sum(_squared_norm_by(engine, tensors, weights)).sqrt()
+
+
+def _check_backup(backup, params):
+    backup = _check_list("backup", backup)
+    if len(backup) != len(params):
+        raise ValueError(f"backup must have one tensor per moved parameter ({len(params)}), got {len(backup)}")
+    for i, (b, p) in enumerate(zip(backup, params)):
+        if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+            raise ValueError(f"backup[{i}] must match params[{i}] in shape, dtype and device")
+    return backup
 
 
 @torch.no_grad()
-def sam_perturb_(params, grads, rho: float, *, adaptive: bool = False) -> SAMState:
-    """θ ← θ + ρ·g/‖g‖ in place (ASAM: ρ·|θ|²⊙g/‖|θ|⊙g‖), keeping a backup for ``sam_restore_``."""
-    if not isinstance(rho, (int, float)) or rho < 0:
-        raise ValueError(f"rho must be a non-negative number, got {rho!r}")
+def sam_perturb_(params, grads, rho: float, *, adaptive: bool = False, backend: str | None = None,
+                 backup=None, keep_backup: bool = True) -> SAMState:
+    """θ ← θ + ρ·g/‖g‖ in place (ASAM: ρ·|θ|²⊙g/‖|θ|⊙g‖), keeping a backup for ``sam_restore_``.
+
+    ``backup``: optional preallocated tensors (one per parameter that has a gradient, in order) to
+    reuse across steps; by default a fresh one is allocated.
+    ``keep_backup=False``: no backup at all, for weights that are recomputed from fp32 masters
+    anyway (the trainer's bf16 model weights); such a state is restored with
+    ``uf.optim.restore_from_masters``, not ``sam_restore_``.
+    """
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 0 or math.isinf(rho):
+        raise ValueError(f"rho must be a finite non-negative number, got {rho!r}")
     params, grads, device = _pairs(params, grads)
+    engine = resolve_backend(backend, params, grads)
     if not params:
         zero = torch.zeros((), dtype=torch.float32)
-        return SAMState([], [], zero, zero)
-    norm = _all_reduce_sum(_squared_norm(grads, params if adaptive else None)).sqrt()
-    scale = rho / norm.clamp_min(_TINY)
-    backup = [p.detach().clone() for p in params]
-    steps = [g.detach().to(torch.float32, copy=True) for g in grads]  # never scale the caller's grads
-    if adaptive:
-        steps = [s.mul_(b.float().square()) for s, b in zip(steps, backup)]
-    torch._foreach_mul_(steps, scale)
-    for p, b, s in zip(params, backup, steps):
-        p.copy_(s.add_(b.float()))  # in fp32, one rounding to p's dtype
-    return SAMState(params, backup, norm, scale)
+        return SAMState([], [], zero, zero, backend=engine)
+    if not keep_backup:
+        backup = params  # the kernels write θ over itself before moving it: no extra memory
+    elif backup is not None:
+        backup = _check_backup(backup, params)
+    else:
+        backup = _new_backup(params, engine)
+    norm = _all_reduce_sum(_squared_norm_by(engine, grads, params if adaptive else None)).sqrt()
+    scale = rho / norm.clamp_min(_TINY)  # n = 0 gives s = 0 (and 0·g = 0), never NaN
+    if engine == "cpp":
+        from . import _cpp
+
+        _cpp.ops().perturb_(params, grads, backup, scale, adaptive)
+    elif engine == "triton":
+        from unlearn_fast.flatten import flat_groups
+        from unlearn_fast.kernels import multi_tensor as k
+
+        for (pf, gf), (bf, _) in zip(flat_groups(params, grads), flat_groups(backup, params)):
+            k.perturb_(pf, gf, bf, scale, adaptive)
+    else:
+        _torch_perturb(params, grads, backup, scale, adaptive)
+    return SAMState(params, backup if keep_backup else [], norm, scale, backend=engine, has_backup=keep_backup)
+
+
+def _new_backup(params, engine):
+    if engine == "triton":  # the Triton path wants the backup flat as well
+        from unlearn_fast.flatten import flat_like
+
+        return flat_like(params)
+    return [torch.empty_like(p, memory_format=torch.preserve_format).detach() for p in params]
 
 
 @torch.no_grad()
@@ -127,7 +273,79 @@ def sam_restore_(state: SAMState) -> None:
         raise TypeError(f"state must be the SAMState returned by sam_perturb_, got {type(state).__name__}")
     if state.restored:
         raise RuntimeError("this SAMState was already restored")
+    if not state.has_backup:
+        raise RuntimeError("this SAMState has no backup (keep_backup=False): recompute the weights from their "
+                           "fp32 masters (uf.optim.restore_from_masters)")
     if state.params:
-        torch._foreach_copy_(state.params, state.backup)
+        if state.backend == "cpp":
+            from . import _cpp
+
+            _cpp.ops().restore_(state.params, state.backup)
+        elif state.backend == "triton":
+            from unlearn_fast.flatten import flat_groups
+            from unlearn_fast.kernels import multi_tensor as k
+
+            for pf, bf in flat_groups(state.params, state.backup):
+                k.restore_(pf, bf)
+        else:
+            torch._foreach_copy_(state.params, state.backup)
     state.backup = []
     state.restored = True
+
+
+@torch.no_grad()
+def fd_hvp_accumulate_(acc, g_moved, g_base, coeff, *, restore: SAMState | None = None,
+                       backend: str | None = None) -> None:
+    """acc ← acc + coeff·(g_moved − g_base) (g_base None: acc + coeff·g_moved), then ``sam_restore_(restore)``.
+
+    The step of a finite-difference Hessian-vector product (SPEC §1.2, §1.4): with g_moved the
+    gradient at θ + r v/‖v‖, g_base the one at θ and coeff = ‖v‖/r, acc gains H v. ``coeff`` may be
+    a device scalar. The compiled path does the accumulation and the restore in one pass.
+    """
+    acc = _check_list("acc", acc)
+    g_moved = _check_list("g_moved", g_moved)
+    if len(acc) != len(g_moved):
+        raise ValueError(f"acc and g_moved must have the same length, got {len(acc)} and {len(g_moved)}")
+    if g_base is not None:
+        g_base = _check_list("g_base", g_base)
+        if len(g_base) != len(acc):
+            raise ValueError(f"g_base must have the length of acc ({len(acc)}), got {len(g_base)}")
+    for i, (a, g) in enumerate(zip(acc, g_moved)):
+        if a is None or g is None or a.shape != g.shape or a.device != g.device:
+            raise ValueError(f"g_moved[{i}] must match acc[{i}] in shape and device")
+        if g_base is not None and (g_base[i] is None or g_base[i].shape != g.shape or g_base[i].dtype != g.dtype):
+            raise ValueError(f"g_base[{i}] must match g_moved[{i}] in shape and dtype")
+    if restore is not None and not isinstance(restore, SAMState):
+        raise TypeError(f"restore must be a SAMState, got {type(restore).__name__}")
+    if not acc:
+        if restore is not None:
+            sam_restore_(restore)
+        return
+    device = acc[0].device
+    coeff_t = torch.as_tensor(coeff, dtype=torch.float32).to(device)
+    engine = resolve_backend(backend, acc)
+    same_dtypes = all(g.dtype == g_moved[0].dtype for g in g_moved)
+    if engine == "cpp" and restore is not None and restore.backend == "cpp" and restore.has_backup \
+            and not restore.restored and _cpp_compatible(g_moved, None) and same_dtypes:
+        from . import _cpp
+
+        _cpp.ops().fd_hvp_accumulate_(acc, [g.detach() for g in g_moved],
+                                      [g.detach() for g in g_base] if g_base is not None else [], coeff_t,
+                                      restore.params, restore.backup)
+        restore.backup = []
+        restore.restored = True
+        return
+    if engine == "cpp" and _cpp_compatible(g_moved, None):
+        from . import _cpp
+
+        _cpp.ops().fd_hvp_accumulate_(acc, [g.detach() for g in g_moved],
+                                      [g.detach() for g in g_base] if g_base is not None else [], coeff_t, [], [])
+    else:
+        diff = [g.detach().to(_opmath(a.dtype), copy=True) for a, g in zip(acc, g_moved)]
+        if g_base is not None:
+            torch._foreach_sub_(diff, [g.detach().to(d.dtype) for d, g in zip(diff, g_base)])
+        torch._foreach_mul_(diff, coeff_t)
+        for a, d in zip(acc, diff):
+            a.copy_(d.add_(a.to(d.dtype)))
+    if restore is not None:
+        sam_restore_(restore)

@@ -1,0 +1,274 @@
+"""SAM bookkeeping (global norm, perturb, exact restore, AdamW) on a Llama-shaped list of tensors.
+
+Variants (each in its own process, so its peak memory is its own):
+  naive_loop     the public SAM code's approach: per-parameter Python loop, per-tensor norms stacked,
+                 e_w = scale·g kept per parameter, restore by subtraction (not exact in bf16)
+  foreach        uf.ops with backend="torch" (torch._foreach_*), preallocated backup
+  cpp            uf.ops with backend="cpp" (csrc/ multi-tensor ops), preallocated backup
+  triton_flat    (GPU) flattened parameters, backend="triton"
+Each variant also times one SAM step's bookkeeping (norm, perturb, restore, AdamW update):
+naive/foreach with torch.optim.AdamW(foreach=True) after a separate restore, cpp with
+uf.optim.FusedAdamW(step(sam_state=...)) doing the restore inside the update.
+Achieved GB/s counts the bytes each op must move (norm: read g; perturb: read θ, g, write θ, backup;
+restore: read backup, write θ); the machine's copy bandwidth is measured in the same process.
+
+    python bench/bench_sam.py            # CPU: 32 layers, hidden 384, ~69M params fp32; GPU: 7B shapes bf16
+    python bench/bench_sam.py --quick    # small shapes, a smoke run
+    OMP_NUM_THREADS=1 python bench/bench_sam.py --json bench/results/sam-cpu2-1thread-DATE.json
+                                         # one thread: less sensitive to a shared, oversubscribed machine
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+
+from _common import PeakMemory, environment, run_variants, sync, worker_report, write_results  # noqa: E402
+
+CPU_SHAPES = dict(layers=32, hidden=384, intermediate=1024, vocab=16000, dtype="float32")
+GPU_SHAPES = dict(layers=32, hidden=4096, intermediate=11008, vocab=32000, dtype="bfloat16")
+QUICK_SHAPES = dict(layers=4, hidden=128, intermediate=352, vocab=1000, dtype="float32")
+VARIANTS = ["naive_loop", "foreach", "cpp"]
+GPU_VARIANTS = ["triton_flat"]
+RHO = 0.01
+
+
+def llama_shapes(s):
+    h, i, v = s["hidden"], s["intermediate"], s["vocab"]
+    layer = [(h, h), (h, h), (h, h), (h, h), (i, h), (i, h), (h, i), (h,), (h,)]  # q k v o gate up down, 2 norms
+    return [(v, h)] + layer * s["layers"] + [(h,), (v, h)]
+
+
+def make_tensors(shapes, device, flat=False):
+    dtype = getattr(torch, shapes["dtype"])
+    sizes = llama_shapes(shapes)
+    total = sum(torch.Size(s).numel() for s in sizes)
+    if flat:
+        p_buf = torch.empty(total, dtype=dtype, device=device)
+        g_buf = torch.empty(total, dtype=dtype, device=device)
+        params, grads, off = [], [], 0
+        for s in sizes:
+            n = torch.Size(s).numel()
+            params.append(p_buf[off:off + n].view(s))
+            grads.append(g_buf[off:off + n].view(s))
+            off += n
+    else:
+        params = [torch.empty(s, dtype=dtype, device=device) for s in sizes]
+        grads = [torch.empty(s, dtype=dtype, device=device) for s in sizes]
+    gen = torch.Generator(device=device).manual_seed(0)
+    for p, g in zip(params, grads):
+        p.normal_(0, 0.02, generator=gen)
+        g.normal_(0, 1e-3, generator=gen)
+    return params, grads, total
+
+
+# -- the naive reference (the public SAM code's loop) ---------------------------------------------
+
+def naive_norm(grads):
+    return torch.norm(torch.stack([g.norm(p=2) for g in grads]), p=2)
+
+
+def naive_perturb(params, grads):
+    norm = naive_norm(grads)
+    scale = RHO / (norm + 1e-12)
+    e_ws = []
+    for p, g in zip(params, grads):
+        e_w = (g * scale).to(p.dtype)
+        p.add_(e_w)
+        e_ws.append(e_w)
+    return e_ws
+
+
+def naive_restore(params, e_ws):
+    for p, e in zip(params, e_ws):
+        p.sub_(e)
+
+
+def timed(fn, device):
+    sync(device)
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t, out
+
+
+def copy_bandwidth(numel, dtype, device, repeat):
+    src = torch.empty(numel, dtype=dtype, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    times = [timed(lambda: dst.copy_(src), device)[0] for _ in range(repeat + 1)][1:]
+    return 2 * numel * src.element_size() / statistics.median(times) / 1e9
+
+
+def worker(variant, shapes, repeat):
+    import unlearn_fast as uf
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with PeakMemory(device):  # fixes glibc's allocation policy (CPU) before anything big is allocated
+        pass
+    params, grads, total = make_tensors(shapes, device, flat=variant == "triton_flat")
+    es = params[0].element_size()
+    backend = {"foreach": "torch", "cpp": "cpp", "triton_flat": "triton"}.get(variant)
+    if variant == "cpp":
+        uf.ops.global_grad_norm(grads[:1], backend="cpp")  # build / load the extension outside the timings
+
+    if variant == "naive_loop":
+        norm_fn = lambda: naive_norm(grads)  # noqa: E731
+        perturb_fn = lambda: naive_perturb(params, grads)  # noqa: E731
+        restore_fn = lambda st: naive_restore(params, st)  # noqa: E731
+    else:
+        backup = [torch.empty_like(p) for p in params] if variant != "triton_flat" else None
+        if backup is None:
+            from unlearn_fast.flatten import flat_like
+
+            backup = flat_like(params)
+        norm_fn = lambda: uf.ops.global_grad_norm(grads, backend=backend)  # noqa: E731
+        perturb_fn = lambda: uf.ops.sam_perturb_(params, grads, RHO, backend=backend, backup=backup)  # noqa: E731
+        restore_fn = uf.ops.sam_restore_
+
+    # peak extra memory of one norm + perturb + restore, allocating what the method allocates
+    # (our variants: a fresh backup, as sam_perturb_ does by default)
+    if variant == "naive_loop":
+        fresh_perturb = perturb_fn
+    else:
+        fresh_perturb = lambda: uf.ops.sam_perturb_(params, grads, RHO, backend=backend)  # noqa: E731
+    st = fresh_perturb()
+    restore_fn(st)
+    del st
+    with PeakMemory(device) as mem:
+        norm_fn()
+        st = fresh_perturb()
+        restore_fn(st)
+        del st
+
+    norm_t, perturb_t, restore_t = [], [], []
+    restore_fn(perturb_fn())  # warm-up
+    for _ in range(repeat):
+        norm_t.append(timed(norm_fn, device)[0])
+        t, st = timed(perturb_fn, device)
+        perturb_t.append(t)
+        restore_t.append(timed(lambda: restore_fn(st), device)[0])
+
+    # one SAM step's bookkeeping: norm + perturb + restore + AdamW
+    opt_params = [torch.nn.Parameter(p) if not isinstance(p, torch.nn.Parameter) else p for p in params]
+    for p, g in zip(opt_params, grads):
+        p.grad = g
+    if variant == "cpp":
+        opt = uf.optim.FusedAdamW(opt_params, lr=1e-5, weight_decay=0.0, backend="cpp")
+
+        def sam_step():
+            state = uf.ops.sam_perturb_(opt_params, grads, RHO, backend="cpp", backup=backup)
+            opt.step(sam_state=state)
+    else:
+        opt = torch.optim.AdamW(opt_params, lr=1e-5, weight_decay=0.0, foreach=True)
+
+        def sam_step():
+            st = perturb_fn()
+            restore_fn(st)
+            opt.step()
+    sam_step()  # allocates the optimizer state
+    step_t = [timed(sam_step, device)[0] for _ in range(repeat)]
+
+    norm_s, perturb_s, restore_s = (statistics.median(x) for x in (norm_t, perturb_t, restore_t))
+    moved = {"norm": 1 * total * es, "perturb": 4 * total * es, "restore": 2 * total * es}
+    sam_s = norm_s + perturb_s + restore_s
+    copy_gbs = copy_bandwidth(total, params[0].dtype, device, repeat)
+    achieved = sum(moved.values()) / (perturb_s + restore_s + norm_s) / 1e9
+    worker_report(norm_s=norm_s, perturb_s=perturb_s, restore_s=restore_s, sam_s=sam_s,
+                  sam_step_with_adamw_s=statistics.median(step_t), gb_per_s=achieved, copy_gb_per_s=copy_gbs,
+                  fraction_of_copy_bw=achieved / copy_gbs, peak_extra_mb=mem.extra / 2**20,
+                  param_mb=total * es / 2**20, tensors=len(params))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--dtype", default=None, help="override the dtype (float32, bfloat16)")
+    parser.add_argument("--variants", default=None, help="comma-separated subset")
+    parser.add_argument("--json", default=None, help="results path (default bench/results/sam-<device>-<date>.json)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--shapes", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, json.loads(args.shapes), args.repeat)
+    cuda = torch.cuda.is_available()
+    shapes = dict(QUICK_SHAPES if args.quick else (GPU_SHAPES if cuda else CPU_SHAPES))
+    if args.dtype:
+        shapes["dtype"] = args.dtype
+    variants = args.variants.split(",") if args.variants else VARIANTS + (GPU_VARIANTS if cuda else [])
+    device = torch.device("cuda" if cuda else "cpu")
+    total = sum(torch.Size(s).numel() for s in llama_shapes(shapes))
+    print(f"SAM benchmark on {device}: {shapes}, {len(llama_shapes(shapes))} tensors, {total / 1e6:.1f}M params")
+    results = run_variants(__file__, variants, ["--shapes", json.dumps(shapes), "--repeat", str(args.repeat)])
+    ratios, targets = summarise(results, cuda)
+    import os
+
+    threads = os.environ.get("OMP_NUM_THREADS")
+    command = (f"OMP_NUM_THREADS={threads} " if threads else "") + "python bench/bench_sam.py" + (" --quick" if args.quick else "") + (
+        f" --dtype {args.dtype}" if args.dtype else "")
+    payload = {
+        "environment": environment(device),
+        "command": command,
+        "shapes": {**shapes, "tensors": len(llama_shapes(shapes)), "params_M": round(total / 1e6, 2)},
+        "variants": results,
+        "ratios": ratios,
+        "targets": targets,
+    }
+    name = "sam" + ("-quick" if args.quick else "") + (f"-{args.dtype}" if args.dtype else "")
+    out = write_results(name, payload, args.json)
+    print(f"wrote {out} and bench/RESULTS.md")
+    for k, v in ratios.items():
+        print(f"  {k:40s} {v:.3f}")
+    for k, v in targets.items():
+        print(f"  target {k}: {'met' if v else 'NOT met'}")
+
+
+def summarise(results, cuda):
+    def fig(variant, key):
+        return results.get(variant, {}).get(key)
+
+    def ratio(a, b, key):
+        x, y = fig(a, key), fig(b, key)
+        return x / y if x is not None and y else None
+
+    ours = "triton_flat" if cuda and "error" not in results.get("triton_flat", {"error": 1}) else "cpp"
+    pairs = {
+        "foreach_over_ours_sam_time": ("foreach", ours, "sam_s"),
+        "naive_over_ours_sam_time": ("naive_loop", ours, "sam_s"),
+        "foreach_over_ours_step_with_adamw_time": ("foreach", "cpp", "sam_step_with_adamw_s"),
+        "ours_over_foreach_peak_memory": (ours, "foreach", "peak_extra_mb"),
+        "ours_peak_over_param_size": (ours, ours, None),
+    }
+    ratios = {}
+    for k, (a, b, key) in pairs.items():
+        if key is None:
+            x, y = fig(a, "peak_extra_mb"), fig(a, "param_mb")
+            r = x / y if x is not None and y else None
+        else:
+            r = ratio(a, b, key)
+        if r is not None:
+            ratios[k] = r
+    if fig(ours, "fraction_of_copy_bw") is not None:
+        ratios["ours_fraction_of_copy_bw"] = fig(ours, "fraction_of_copy_bw")
+    targets = {}
+    if cuda:
+        if "ours_fraction_of_copy_bw" in ratios:
+            targets["ours_fraction_of_copy_bw >= 0.8"] = ratios["ours_fraction_of_copy_bw"] >= 0.8
+        if "foreach_over_ours_step_with_adamw_time" in ratios:
+            targets["foreach_over_ours_step_with_adamw_time >= 1.3"] = ratios["foreach_over_ours_step_with_adamw_time"] >= 1.3
+    else:
+        if "foreach_over_ours_sam_time" in ratios:
+            targets["foreach_over_ours_sam_time >= 1.1"] = ratios["foreach_over_ours_sam_time"] >= 1.1
+    if "ours_peak_over_param_size" in ratios:
+        targets["ours_peak_over_param_size <= 1.05"] = ratios["ours_peak_over_param_size"] <= 1.05
+    return ratios, targets
+
+
+if __name__ == "__main__":
+    main()

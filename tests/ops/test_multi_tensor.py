@@ -1,0 +1,322 @@
+"""Multi-tensor SAM ops against the naive per-parameter loop (tests/reference_sam.py), every backend."""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+import pytest
+import torch
+
+import unlearn_fast as uf
+from tests.conftest import HAS_TRITON
+from tests.reference_sam import max_ulps, naive_global_norm, naive_perturbed
+
+SHAPES = [(7, 5), (13,), (3, 4, 5), (1,), (64, 33), (2, 1, 9)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make(dtype, shapes=SHAPES, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
+    grads = [(scale * torch.randn(s, generator=g)).to(dtype) for s in shapes]
+    return params, grads
+
+
+def bits(t):
+    return t.view({torch.float32: torch.int32, torch.float64: torch.int64}.get(t.dtype, torch.int16))
+
+
+@pytest.fixture(scope="session")
+def cpp_ops():
+    """The compiled extension, built once per test session (a build failure fails the cpp tests)."""
+    from unlearn_fast.ops import _cpp
+
+    if _cpp.disabled():
+        pytest.skip("UNLEARN_FAST_NO_CPP=1")
+    return _cpp.load()
+
+
+@pytest.fixture(params=["torch", "cpp", "triton"])
+def mt_backend(request):
+    if request.param == "cpp":
+        request.getfixturevalue("cpp_ops")
+    if request.param == "triton" and not (HAS_TRITON and (torch.cuda.is_available() or
+                                                          os.environ.get("TRITON_INTERPRET") == "1")):
+        pytest.skip("needs triton on a GPU or under TRITON_INTERPRET=1")
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_global_norm_matches_fp64(dtype, adaptive, mt_backend):
+    params, grads = make(dtype)
+    got = uf.ops.global_grad_norm(grads, adaptive_params=params if adaptive else None, backend=mt_backend)
+    want = naive_global_norm(grads, params if adaptive else None)
+    assert got.dtype == torch.float32 and got.dim() == 0
+    assert abs(float(got) - want) <= 4 * torch.finfo(torch.float32).eps * want
+
+
+def test_global_norm_skips_none_and_empty(mt_backend):
+    params, grads = make(torch.float32)
+    with_none = [grads[0], None, grads[2]]
+    assert float(uf.ops.global_grad_norm(with_none, backend=mt_backend)) == pytest.approx(
+        naive_global_norm([grads[0], grads[2]]), rel=1e-6)
+    assert float(uf.ops.global_grad_norm([None, None], backend=mt_backend)) == 0.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_perturb_within_one_ulp_and_restore_bit_exact(dtype, adaptive, mt_backend):
+    params, grads = make(dtype, seed=1)
+    before = [p.detach().clone() for p in params]
+    grads_before = [g.clone() for g in grads]
+    rho = 0.5 if adaptive else 0.05  # large enough that the step shows in bf16
+    state = uf.ops.sam_perturb_(params, grads, rho, adaptive=adaptive, backend=mt_backend)
+    want = naive_perturbed(before, grads, rho, adaptive, scale=float(state.scale))
+    exact_scale = rho / naive_global_norm(grads, before if adaptive else None)
+    assert abs(float(state.scale) - exact_scale) <= 4 * torch.finfo(torch.float32).eps * exact_scale
+    moved = sum(not torch.equal(p, b) for p, b in zip(params, before))
+    assert moved >= len(params) - 1, "the perturbation must move the weights"
+    for p, w, b in zip(params, want, before):
+        assert p.dtype == dtype
+        assert max_ulps(p.detach(), w, b) <= 1.0
+    assert float(state.norm) == pytest.approx(naive_global_norm(grads, before if adaptive else None),
+                                              rel=1e-6)
+    for g, g0 in zip(grads, grads_before):
+        assert torch.equal(g, g0), "the caller's gradients must not change"
+    uf.ops.sam_restore_(state)
+    for p, b in zip(params, before):
+        assert torch.equal(bits(p.detach()), bits(b))
+    with pytest.raises(RuntimeError, match="already restored"):
+        uf.ops.sam_restore_(state)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_gradient_gives_no_move_and_no_nan(dtype, mt_backend):
+    params, _ = make(dtype)
+    before = [p.detach().clone() for p in params]
+    zeros = [torch.zeros_like(p) for p in params]
+    for adaptive in (False, True):
+        state = uf.ops.sam_perturb_(params, zeros, 0.05, adaptive=adaptive, backend=mt_backend)
+        assert float(state.norm) == 0.0 and not math.isnan(float(state.scale))
+        for p, b in zip(params, before):
+            assert torch.equal(p.detach(), b)
+        uf.ops.sam_restore_(state)
+
+
+def test_none_grads_are_skipped(mt_backend):
+    params, grads = make(torch.float32, seed=2)
+    before = [p.detach().clone() for p in params]
+    grads[1] = None
+    grads[4] = None
+    state = uf.ops.sam_perturb_(params, grads, 0.1, backend=mt_backend)
+    want = naive_perturbed(before, grads, 0.1, scale=float(state.scale))
+    assert torch.equal(params[1].detach(), before[1]) and torch.equal(params[4].detach(), before[4])
+    for p, w, b in zip(params, want, before):
+        assert max_ulps(p.detach(), w, b) <= 1.0
+    uf.ops.sam_restore_(state)
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+
+
+def test_bad_input_names_the_argument(mt_backend):
+    params, grads = make(torch.float32)
+    with pytest.raises(ValueError, match="same length"):
+        uf.ops.sam_perturb_(params, grads[:-1], 0.1, backend=mt_backend)
+    with pytest.raises(ValueError, match=r"grads\[1\]"):
+        uf.ops.sam_perturb_(params, [grads[0], grads[0]] + grads[2:], 0.1, backend=mt_backend)
+    with pytest.raises(ValueError, match="rho"):
+        uf.ops.sam_perturb_(params, grads, -0.1, backend=mt_backend)
+    with pytest.raises(ValueError, match=r"params\[0\]"):
+        uf.ops.sam_perturb_(params, [grads[0].to("meta")] + grads[1:], 0.1, backend=mt_backend)
+    with pytest.raises(TypeError, match=r"grads\[0\]"):
+        uf.ops.sam_perturb_(params, [grads[0].long()] + grads[1:], 0.1, backend=mt_backend)
+    with pytest.raises(TypeError, match=r"params\[2\]"):
+        uf.ops.sam_perturb_(params[:2] + [torch.zeros(3, 4, 5, dtype=torch.int32)] + params[3:], grads, 0.1,
+                            backend=mt_backend)
+    with pytest.raises(TypeError, match="tensors"):
+        uf.ops.global_grad_norm([torch.ones(3, dtype=torch.int64)], backend=mt_backend)
+    with pytest.raises(ValueError, match="adaptive_params"):
+        uf.ops.global_grad_norm(grads, adaptive_params=params[:-1], backend=mt_backend)
+    with pytest.raises(TypeError, match="state"):
+        uf.ops.sam_restore_("not a state")
+    with pytest.raises(ValueError, match="backend"):
+        uf.ops.global_grad_norm(grads, backend="cuda-magic")
+
+
+def _gloo_worker(rank, world, init_file, results_dir):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        g = torch.Generator().manual_seed(100 + rank)  # each rank holds different gradients
+        grads = [torch.randn(s, generator=g) for s in SHAPES]
+        params = [torch.randn(s, generator=g) for s in SHAPES]
+        norm = uf.ops.global_grad_norm(grads)
+        state = uf.ops.sam_perturb_(params, grads, 0.1)
+        torch.save({"grads": grads, "norm": norm, "sam_norm": state.norm},
+                   os.path.join(results_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_distributed_norm_is_the_global_one():
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # fork: the children reuse the imported torch (spawn re-imports it, ~10 s per process here)
+        method = "fork" if not torch.cuda.is_available() else "spawn"
+        mp.start_processes(_gloo_worker, args=(2, os.path.join(tmp, "store"), tmp), nprocs=2, join=True,
+                           start_method=method)
+        out = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+    everything = out[0]["grads"] + out[1]["grads"]
+    want = naive_global_norm(everything)
+    local = naive_global_norm(out[0]["grads"])
+    assert abs(want - local) > 1e-3 * want  # the test can tell the global norm from a local one
+    for o in out:
+        assert float(o["norm"]) == pytest.approx(want, rel=1e-6)
+        assert float(o["sam_norm"]) == pytest.approx(want, rel=1e-6)
+
+
+def test_cpp_per_tensor_norms_and_asam_weighting(cpp_ops):
+    params, grads = make(torch.bfloat16, seed=3)
+    total, per = cpp_ops.squared_norm(grads, [], True)
+    assert per.shape == (len(grads),)
+    for g, n2 in zip(grads, per):
+        assert float(n2) == pytest.approx(float((g.double() ** 2).sum()), rel=1e-6)
+    assert float(total) == pytest.approx(naive_global_norm(grads) ** 2, rel=1e-6)
+    total_w, _ = cpp_ops.squared_norm(grads, [p.detach() for p in params], False)
+    assert float(total_w) == pytest.approx(naive_global_norm(grads, params) ** 2, rel=1e-6)
+
+
+def test_cpp_matches_torch_path_bit_for_bit(cpp_ops):
+    """The compiled perturbation does the same fp32 operations as the foreach path, in the same order."""
+    for dtype in DTYPES:
+        for adaptive in (False, True):
+            p1, grads = make(dtype, shapes=[(70, 33), (5,), (40000,)], seed=4)
+            p2 = [torch.nn.Parameter(p.detach().clone()) for p in p1]
+            s1 = uf.ops.sam_perturb_(p1, grads, 0.3, adaptive=adaptive, backend="torch")
+            s2 = uf.ops.sam_perturb_(p2, grads, 0.3, adaptive=adaptive, backend="cpp")
+            if torch.equal(s1.scale, s2.scale):
+                assert all(torch.equal(bits(a.detach()), bits(b.detach())) for a, b in zip(p1, p2))
+            else:  # the two norms sum in different orders; the updates are then within one ulp
+                want = naive_perturbed([b for b in s1.backup], grads, 0.3, adaptive, scale=float(s2.scale))
+                assert all(max_ulps(b.detach(), w, o) <= 1 for b, w, o in zip(p2, want, s1.backup))
+
+
+def test_auto_backend_picks_cpp_on_cpu(cpp_ops, monkeypatch):
+    params, grads = make(torch.float32)
+    monkeypatch.delenv("UNLEARN_FAST_SAM_BACKEND", raising=False)
+    state = uf.ops.sam_perturb_(params, grads, 0.1)
+    assert state.backend == "cpp"
+    uf.ops.sam_restore_(state)
+    # non-contiguous tensors go to the foreach path
+    t = [p.detach().t() for p in params if p.dim() == 2]
+    assert uf.ops.sam_perturb_(t, [x.clone() for x in t], 0.1).backend == "torch"
+
+
+def test_no_cpp_env_forces_the_foreach_path(monkeypatch):
+    from unlearn_fast.ops import _cpp
+
+    monkeypatch.setenv("UNLEARN_FAST_NO_CPP", "1")
+    params, grads = make(torch.float32)
+    assert uf.ops.sam_perturb_(params, grads, 0.1).backend == "torch"
+    with pytest.raises(RuntimeError, match="UNLEARN_FAST_NO_CPP"):
+        _cpp.load()
+
+
+def test_cpp_restore_large_mixed_list_bit_exact(cpp_ops):
+    params, grads = make(torch.bfloat16, shapes=[(100_003,), (7, 7), (40_000,)], seed=5)
+    before = [bits(p.detach()).clone() for p in params]
+    state = uf.ops.sam_perturb_(params, grads, 1.0, backend="cpp")
+    uf.ops.sam_restore_(state)
+    assert all(torch.equal(bits(p.detach()), b) for p, b in zip(params, before))
+
+
+def _tiny_mlp(dtype):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(9, 17), torch.nn.Tanh(), torch.nn.Linear(17, 5, bias=False),
+                                torch.nn.LayerNorm(5)).to(dtype)
+    model[3].bias.requires_grad_(False)  # a frozen parameter stays out of the flat buffer
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flatten_parameters_makes_views_of_one_buffer(dtype):
+    model = _tiny_mlp(dtype)
+    x = torch.randn(4, 9).to(dtype)
+    want_out = model(x)
+    snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flat = uf.flatten_parameters(model)
+    assert len(flat.buffers) == 1
+    buf = flat.buffers[0]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert buf.numel == sum(p.numel() for p in trainable)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), snapshot[name])
+        if p.requires_grad:
+            assert p.untyped_storage().data_ptr() == buf.data.untyped_storage().data_ptr()
+            assert p.grad.untyped_storage().data_ptr() == buf.grad.untyped_storage().data_ptr()
+        else:
+            assert p.untyped_storage().data_ptr() != buf.data.untyped_storage().data_ptr()
+    assert torch.equal(model(x), want_out)
+    model(x).float().square().sum().backward()  # autograd accumulates into the flat gradient views
+    assert buf.grad.abs().sum() > 0
+    want = [p.grad.clone() for p in trainable]
+    grads = [p.grad for p in trainable]
+    from unlearn_fast.flatten import flat_groups
+
+    groups = flat_groups(trainable, grads)
+    assert groups is not None and len(groups) == 1 and groups[0][0].numel() == buf.numel
+    flat.zero_grad()
+    assert all(float(p.grad.abs().sum()) == 0 for p in trainable)
+    assert all(p.grad.untyped_storage().data_ptr() == buf.grad.untyped_storage().data_ptr() for p in trainable)
+    assert len(want) == len(grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_triton_flat_path_single_run(dtype, adaptive):
+    if not HAS_TRITON or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("needs triton")
+    model = _tiny_mlp(dtype)
+    flat = uf.flatten_parameters(model)
+    model(torch.randn(3, 9).to(dtype)).float().sum().backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad for p in params]
+    before = [p.detach().clone() for p in params]
+    state = uf.ops.sam_perturb_(params, grads, 0.2, adaptive=adaptive, backend="triton")
+    assert state.backend == "triton"
+    want = naive_perturbed(before, grads, 0.2, adaptive, scale=float(state.scale))
+    assert float(state.norm) == pytest.approx(naive_global_norm(grads, before if adaptive else None), rel=1e-6)
+    for p, w, b in zip(params, want, before):
+        assert max_ulps(p.detach(), w, b) <= 1.0
+    uf.ops.sam_restore_(state)
+    assert all(torch.equal(bits(p.detach()), bits(b)) for p, b in zip(params, before))
+    assert flat.buffers[0].data.numel() == sum(p.numel() for p in params)
+
+
+def test_triton_fd_hvp_accumulate():
+    if not HAS_TRITON or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("needs triton")
+    from unlearn_fast.kernels import multi_tensor as k
+
+    g = torch.Generator().manual_seed(7)
+    acc, gm, g0 = (torch.randn(700, generator=g) for _ in range(3))
+    gm, g0 = gm.bfloat16(), g0.bfloat16()
+    want = acc.double() + 2.5 * (gm.double() - g0.double())
+    k.fd_hvp_accumulate_(acc, gm, g0, torch.tensor(2.5))
+    assert torch.allclose(acc.double(), want, rtol=1e-6, atol=1e-6)
+    want = acc.double() - 0.5 * gm.double()
+    k.fd_hvp_accumulate_(acc, gm, None, torch.tensor(-0.5))
+    assert torch.allclose(acc.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_cpp_loader_names_the_missing_tool(monkeypatch):
+    from torch.utils import cpp_extension
+
+    from unlearn_fast.ops import _cpp
+
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    missing = " ".join(_cpp._missing_tools(cuda=False))
+    assert "ninja" in missing and "no-such-compiler-xyz" in missing
+    assert (_cpp.source_dir() / "multi_tensor.cpp").exists()
