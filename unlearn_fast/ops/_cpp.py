@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -112,6 +113,10 @@ def _build():
     digest.update(f"{torch.__version__} {torch.version.cuda} {_CFLAGS} {cuda}".encode())
     build_dir = Path(os.environ.get("UNLEARN_FAST_CACHE", Path.home() / ".cache" / "unlearn_fast")) / digest.hexdigest()[:16]
     build_dir.mkdir(parents=True, exist_ok=True)
+    if not any(build_dir.glob(f"{_NAME}*.so")):
+        # The first build takes a minute or two: say so rather than look hung.
+        print(f"unlearn_fast: compiling the multi-tensor ops into {build_dir} (first use only)...",
+              file=sys.stderr, flush=True)
     cpp_extension.load(
         name=_NAME,
         sources=[str(s) for s in sources],
