@@ -71,9 +71,13 @@ def apply_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute each decoder layer in backward; non-reentrant so that ``torch.autograd.grad`` (SAM, GP) works."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not hasattr(base, "gradient_checkpointing_enable"):
-        raise ValueError(f"gradient_checkpointing: {type(base).__name__} has no gradient_checkpointing_enable()")
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(base, "gradient_checkpointing_enable"):
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(f"gradient_checkpointing: {type(base).__name__} has no activation_checkpointing_enable()")
 
 
 class MasterWeights:
