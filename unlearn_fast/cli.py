@@ -72,11 +72,11 @@ def train_main(argv) -> int:
 
     try:
         config, output = read_train_config(args)
-        from .train.distributed import init_from_env
-
-        init_from_env()
         import torch
 
+        from .train.distributed import init_from_env, is_distributed
+
+        joined = not is_distributed() and init_from_env()  # we joined the group, so we leave it at the end
         torch.manual_seed(config.seed)
         from .train.setup import build_run
         from .train.trainer import NonFiniteLoss, Trainer
@@ -94,6 +94,9 @@ def train_main(argv) -> int:
     except NonFiniteLoss as exc:
         print(f"unlearn-fast: stopped: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
     if trainer.rank == 0:
         shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
         print(f"done in {time.perf_counter() - start:.1f}s: {shown}; final model in {output / 'final'}")

@@ -15,7 +15,13 @@ that reduction is switched off; otherwise the norm would be √world too large.
 
 Per-process losses are means over the local batch; their average is the global
 mean when every process has the same number of sequences (NPO, SimNPO) or of
-label tokens (token-mean CE) — equal-length batches, as in the tests.
+label tokens (token-mean CE) — equal-length batches, as in the tests. Terms that
+are not means of per-example terms are computed per process and averaged: the
+ILU logit penalty (Σ_e s_e² of each process's environment batches) and NPO's
+``batch_mean`` form. The finite-difference regularisers (SAM, GP, CR, parameter
+IRM) see the global gradient and match one process.
+
+FSDP2 (sharded parameters) is not supported by the trainer yet.
 """
 from __future__ import annotations
 
