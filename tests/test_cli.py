@@ -32,6 +32,7 @@ def one_error_line(capsys):
         (["train"], "train needs a CONFIG.yaml, --preset NAME, or --resume DIR"),
         (["train", "--preset", "tiny", "--set", "forget=nowhere.jsonl"], "forget: data source 'nowhere.jsonl' not found"),
         (["train", "--preset", "tiny", "--set", "irm=logit", "--set", "irm_weight=1"], "irm needs at least one environment"),
+        (["train", "--preset", "tiny", "--set", "max_length=8"], "max_length: 8 leaves no answer token in any forget"),
         (["frobnicate"], "unknown command 'frobnicate'; allowed: train, eval, run, bench"),
     ],
 )
@@ -68,21 +69,27 @@ def test_bench_runs_the_checkout_script_with_its_arguments(tmp_path, monkeypatch
 
 
 def test_preset_run_and_resume_match_an_uninterrupted_run(tmp_path):
+    import shutil
+
     from safetensors.torch import load_file
 
     steps = ["--set", "max_steps=4", "--set", "save_every=2"]
     assert main(["train", "--preset", "tiny", "--output", str(tmp_path / "full"), *SMALL, *steps]) == 0
-    assert main(["train", "--preset", "tiny", "--output", str(tmp_path / "cut"), *SMALL, *steps]) == 0
-    # as if the run had died after its step-2 checkpoint: resume from the directory alone (its config.json)
-    (tmp_path / "cut" / "final" / "model.safetensors").unlink()
-    assert main(["train", "--resume", str(tmp_path / "cut"), "--no-progress"]) == 0
+    # a run that died after its step-2 checkpoint: that checkpoint and config.json, nothing else
+    (tmp_path / "cut").mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "cut" / "checkpoint-2")
+    shutil.copy(tmp_path / "full" / "config.json", tmp_path / "cut")
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--no-progress"]) == 0  # config from config.json
     a = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "final" / "model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     records = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
-    assert any(r.get("event") == "resumed" and r["step"] == 2 for r in records)
-    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 3, 4]
-    assert {"loss", "forget_loss", "tokens_per_s", "lr", "grad_norm"} <= records[-1].keys()
+    assert records[0]["event"] == "resumed" and records[0]["step"] == 2
+    assert [r["step"] for r in records if "loss" in r] == [3, 4]
+    full = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in full] == [1, 2, 3, 4]
+    assert {"loss", "forget_loss", "tokens_per_s", "lr", "grad_norm"} <= full[-1].keys()
+    assert full[-1]["loss"] == records[-1]["loss"]
     assert (tmp_path / "full" / "final" / "config.json").exists()
 
 

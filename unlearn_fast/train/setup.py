@@ -66,8 +66,17 @@ def load_examples(source: str, tokenizer, config: TrainConfig, key: str) -> list
                               "hf:NAME[:SPLIT], or synthetic:NAME") from None
     if not records:
         raise ConfigError(f"{key}: data source {source!r} is empty")
-    return tokenize_records(records, tokenizer, max_length=config.max_length, text_key=config.text_key,
-                            question_key=config.question_key, answer_key=config.answer_key)
+    examples = tokenize_records(records, tokenizer, max_length=config.max_length, text_key=config.text_key,
+                                question_key=config.question_key, answer_key=config.answer_key)
+    empty = sum(int((ex["labels"] != -100).sum()) == 0 for ex in examples)
+    if empty == len(examples):
+        raise ConfigError(f"max_length: {config.max_length} leaves no answer token in any {key} example; raise it")
+    if empty:
+        import warnings
+
+        warnings.warn(f"{key}: {empty} of {len(examples)} examples keep no answer token at "
+                      f"max_length={config.max_length}; they add nothing to the loss", stacklevel=2)
+    return examples
 
 
 def build_run(config: TrainConfig) -> dict:
