@@ -105,3 +105,27 @@ def test_trainer_mixin_step_gradient_is_unlearning_gradients(tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # it did train
     logged = [r for r in trainer.state.log_history if "uf_sam_norm" in r]
     assert logged and all(r["uf_irm_penalty"] >= 0 for r in logged)
+
+
+def test_apply_on_a_peft_model_patches_the_base_model():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(layers=1), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    batch = make_batch(7)
+    expected = model(**batch).loss
+    with hf.apply(model):
+        patched = model(**batch)
+    assert patched.logits is None
+    torch.testing.assert_close(patched.loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_collator_pads_each_set_and_stacks_ref_nll():
+    forget = examples(0, 3, length=6) + examples(1, 1, length=9)
+    data = hf.UnlearnDataset(forget, examples(2, 2, length=5), [examples(3, 3, length=4)],
+                             ref_nll=torch.arange(4.0))
+    batch = hf.UnlearnCollator(pad_token_id=0)([data[i] for i in range(4)])
+    assert batch["forget"]["input_ids"].shape == (4, 9) and batch["forget"]["attention_mask"][0].sum() == 6
+    assert batch["forget"]["labels"][0, 6:].eq(-100).all()
+    torch.testing.assert_close(batch["forget"]["ref_nll"], torch.arange(4.0))
+    assert batch["retain"]["input_ids"].shape == (4, 5) and len(batch["envs"]) == 1
+    with pytest.raises(ValueError, match="ref_nll: needs one value per forget example"):
+        hf.UnlearnDataset(forget, ref_nll=torch.zeros(2))
