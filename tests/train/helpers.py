@@ -39,3 +39,15 @@ def weights(model):
 
 def same_weights(a, b):
     return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def equal_length_examples(seed, n, length=12, prompt=3, vocab=97):
+    """Examples of one length (per-process batch means then average to the global mean exactly)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(3, vocab, (length,), generator=g)
+        labels = ids.clone()
+        labels[:prompt] = -100
+        out.append({"input_ids": ids, "labels": labels, "index": i})
+    return out

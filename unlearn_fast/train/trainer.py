@@ -28,6 +28,7 @@ from ..step import unlearning_gradients
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import BatchStream
+from .distributed import broadcast_parameters, data_parallel, is_distributed
 
 
 class NonFiniteLoss(RuntimeError):
@@ -48,7 +49,35 @@ def lr_lambda(config: TrainConfig):
 
 
 def distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+    return is_distributed()
+
+
+def adamw(params, config: TrainConfig):
+    """The default optimizer; ``Trainer(optimizer=...)`` takes any ``(params, config) -> Optimizer``."""
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=False)
+
+
+def apply_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
+    """Wrap ``model`` with LoRA adapters on ``lora_targets`` (only the adapters train)."""
+    try:
+        import peft
+    except ImportError:
+        raise ImportError("lora_r > 0 needs the 'peft' package: pip install peft") from None
+    lora = peft.LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=list(config.lora_targets),
+                           lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, lora)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in backward; non-reentrant so that ``torch.autograd.grad`` (SAM, GP) works."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(base, "gradient_checkpointing_enable"):
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(f"gradient_checkpointing: {type(base).__name__} has no activation_checkpointing_enable()")
 
 
 class MasterWeights:
@@ -73,7 +102,9 @@ class Trainer:
     """Robust unlearning of a causal LM: forget/retain/environment examples in, checkpoints and metrics out."""
 
     def __init__(self, model: nn.Module, tokenizer, config: TrainConfig, *, forget, retain=None, envs=(),
-                 output_dir="runs/train", ref_model=None, progress: bool = True):
+                 output_dir="runs/train", ref_model=None, progress: bool = True, optimizer=None):
+        if config.lora_r > 0 and not hasattr(model, "peft_config"):
+            model = apply_lora(model, config)
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.output = Path(output_dir)
         self.ref_model = ref_model
@@ -89,12 +120,14 @@ class Trainer:
         self.objective = config.unlearn_config()
         if self.objective.irm and not envs:
             raise ValueError("envs: irm needs at least one environment (fine-tuning data set)")
-        if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable()
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        if self.world > 1:  # every process starts from rank 0's weights
+            broadcast_parameters(model)
         self.params = trainable_parameters(model)
         self.master = MasterWeights(self.params) if config.master_weights else None
         opt_params = self.master.masters if self.master else self.params
-        self.optimizer = torch.optim.AdamW(opt_params, lr=config.lr, weight_decay=config.weight_decay, foreach=False)
+        self.optimizer = (optimizer or adamw)(opt_params, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         self.averager = WeightAverager(model, start=config.wa_start, every=config.wa_every) if config.wa_start >= 0 else None
         self.ref_nll = None
@@ -103,7 +136,7 @@ class Trainer:
     # -- setup ---------------------------------------------------------------------------------
     def _reference_nll(self):
         if self.objective.needs_ref_nll:
-            cache = self.output / "ref_nll"
+            cache = self.output / "ref_nll" if self.rank == 0 else None  # one writer; the others recompute
             self.ref_nll = reference_nll(self.model, self.forget.examples, batch_size=self.config.batch_size,
                                          cache_dir=cache, pad_token_id=self.forget.pad)
 
@@ -177,19 +210,22 @@ class Trainer:
             forget = self.forget.next_batch(self.device, extra={"ref_nll": self.ref_nll} if self.ref_nll is not None else None)
             retain = self.retain.next_batch(self.device) if self.retain else None
             envs = [e.next_batch(self.device) for e in self.envs]
-            metrics = unlearning_gradients(self.model, forget, retain, envs, self.objective, ref_model=self.ref_model,
-                                           step=self.step * self.config.grad_accum + micro)
+            with data_parallel(self.params):  # gradients averaged over processes as autograd makes them
+                metrics = unlearning_gradients(self.model, forget, retain, envs, self.objective,
+                                               ref_model=self.ref_model, step=self.step * self.config.grad_accum + micro)
             tokens += sum(int(b["attention_mask"].sum()) for b in [forget, retain, *envs] if b is not None)
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v / self.config.grad_accum
-        scale = 1.0 / (self.config.grad_accum * self.world)
         with torch.no_grad():
             for p in self.params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                if self.world > 1:
-                    torch.distributed.all_reduce(p.grad)
-                p.grad.mul_(scale)
+                p.grad.mul_(1.0 / self.config.grad_accum)
+        if self.world > 1:  # report the global mean of every metric (and stop on every process together)
+            keys = sorted(k for k, v in totals.items() if isinstance(v, float))
+            values = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
+            torch.distributed.all_reduce(values)
+            totals.update(zip(keys, (values / self.world).tolist()))
         return totals, tokens * self.world
 
     def _check_finite(self, metrics: dict) -> None:
@@ -209,7 +245,7 @@ class Trainer:
     # -- output --------------------------------------------------------------------------------
     def save(self) -> Path | None:
         if self.rank != 0:
-            return None
+            return self._barrier()
         extra = {}
         if self.master:
             extra.update({f"master.{i}": m.detach() for i, m in enumerate(self.master.masters)})
@@ -217,21 +253,33 @@ class Trainer:
         if self.averager:
             extra.update({f"wa.{k}": v for k, v in self.averager.average.items()})
             state["averager"] = {"count": self.averager.count}
-        return save_checkpoint(self.output, self.step, model=self.model, optimizer=self.optimizer,
+        path = save_checkpoint(self.output, self.step, model=self.model, optimizer=self.optimizer,
                                scheduler=self.scheduler, state=state, extra_tensors=extra,
                                keep=self.config.keep_checkpoints)
+        self._barrier()
+        return path
+
+    def _barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
 
     def save_final(self) -> Path | None:
+        """OUTPUT/final: the model in Hugging Face format (LoRA: merged into the base, adapters in final/adapter)."""
         if self.rank != 0:
-            return None
+            return self._barrier()
         final, tmp = self.output / "final", self.output / f".tmp-final-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        model = self.model.merge_and_unload() if hasattr(self.model, "merge_and_unload") else self.model
+        model = self.model
+        if hasattr(model, "merge_and_unload"):
+            model.save_pretrained(tmp / "adapter", safe_serialization=True)
+            model = model.merge_and_unload()  # replaces the LoRA layers in place: the run is over
+            self.model = model
         model.save_pretrained(tmp, safe_serialization=True)
         if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        self._barrier()
         return final
 
     def _log(self, record: dict) -> None:
