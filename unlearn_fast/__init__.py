@@ -1,4 +1,6 @@
 """unlearn_fast: kernel-optimised regularisation for robust LLM unlearning."""
+import importlib
+
 from . import ops, optim
 from .averaging import WeightAverager
 from .config import UnlearnConfig
@@ -8,4 +10,20 @@ from .rmu import rmu_trainable
 from .step import unlearning_gradients
 
 __version__ = "0.1.0"
-__all__ = ["ops", "optim", "flatten_parameters", "FlatParameters", "UnlearnConfig", "WeightAverager", "reference_nll", "rmu_trainable", "unlearning_gradients", "__version__"]
+
+# Heavier parts load on first use: ``uf.Trainer``, ``uf.TrainConfig``, ``uf.integrations``, ``uf.eval``.
+_LAZY = {"Trainer": ("train", "Trainer"), "TrainConfig": ("train", "TrainConfig"),
+         "integrations": ("integrations", None), "train": ("train", None), "eval": ("eval", None)}
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'unlearn_fast' has no attribute {name!r}")
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(f".{module_name}", __name__)
+    return module if attr is None else getattr(module, attr)
+
+
+__all__ = ["ops", "optim", "flatten_parameters", "FlatParameters", "UnlearnConfig", "WeightAverager",
+           "reference_nll", "rmu_trainable", "unlearning_gradients", "Trainer", "TrainConfig", "integrations",
+           "__version__"]

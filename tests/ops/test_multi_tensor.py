@@ -152,7 +152,9 @@ def _gloo_worker(rank, world, init_file, results_dir):
         params = [torch.randn(s, generator=g) for s in SHAPES]
         norm = uf.ops.global_grad_norm(grads)
         state = uf.ops.sam_perturb_(params, grads, 0.1)
-        torch.save({"grads": grads, "norm": norm, "sam_norm": state.norm},
+        with uf.ops.replicated_gradients():  # each process holds the whole gradient: no reduction
+            local_norm = uf.ops.global_grad_norm(grads)
+        torch.save({"grads": grads, "norm": norm, "sam_norm": state.norm, "local_norm": local_norm},
                    os.path.join(results_dir, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
@@ -174,6 +176,7 @@ def test_distributed_norm_is_the_global_one():
     for o in out:
         assert float(o["norm"]) == pytest.approx(want, rel=1e-6)
         assert float(o["sam_norm"]) == pytest.approx(want, rel=1e-6)
+        assert float(o["local_norm"]) == pytest.approx(naive_global_norm(o["grads"]), rel=1e-6)
 
 
 def test_cpp_per_tensor_norms_and_asam_weighting(cpp_ops):

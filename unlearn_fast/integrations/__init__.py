@@ -1,1 +1,4 @@
 """Drop-in integrations with other training stacks (Hugging Face transformers)."""
+from . import hf
+
+__all__ = ["hf"]

@@ -6,7 +6,14 @@ from .linear_ce import (
     linear_cross_entropy_irm,
     sequence_nll,
 )
-from .multi_tensor import SAMState, fd_hvp_accumulate_, global_grad_norm, sam_perturb_, sam_restore_
+from .multi_tensor import (
+    SAMState,
+    fd_hvp_accumulate_,
+    global_grad_norm,
+    replicated_gradients,
+    sam_perturb_,
+    sam_restore_,
+)
 from .multi_tensor import BACKENDS as MULTI_TENSOR_BACKENDS
 
 __all__ = [
@@ -21,4 +28,5 @@ __all__ = [
     "sam_restore_",
     "MULTI_TENSOR_BACKENDS",
     "fd_hvp_accumulate_",
+    "replicated_gradients",
 ]

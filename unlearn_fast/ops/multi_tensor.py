@@ -4,7 +4,8 @@
     s   = ρ / max(n, tiny)                  (n = 0 → s = 0: no perturbation, never NaN)
     θ  ← θ + s · g                          (ASAM: θ + s · |θ|²⊙g)
 The norm stays on the device (no host sync); under torch.distributed the squared
-norm is all-reduced before the square root. The backup is the weights as they
+norm is all-reduced before the square root (tensors are shards of one gradient; inside
+``replicated_gradients()`` each process holds the whole gradient and nothing is reduced). The backup is the weights as they
 were, so the restore is a copy: bit-exact in every dtype.
 
 Engines behind the same three functions (``backend=``, default ``UNLEARN_FAST_SAM_BACKEND`` or "auto"):
@@ -19,6 +20,7 @@ naive per-parameter loop).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -78,9 +80,29 @@ def _pairs(params, grads, pname="params", gname="grads"):
     return kept_p, kept_g, device
 
 
+_replicated_depth = 0  # > 0 inside ``replicated_gradients()``
+
+
+@contextlib.contextmanager
+def replicated_gradients():
+    """Inside the block the norm is taken as local: every process holds the whole (already averaged) gradient.
+
+    Under torch.distributed the ops otherwise treat each process's tensors as shards of one global
+    gradient (FSDP-style) and sum the squared norms across processes. Data parallelism that
+    all-reduces gradients before SAM (DDP-style) must not sum again: that would inflate the
+    norm by √world.
+    """
+    global _replicated_depth
+    _replicated_depth += 1
+    try:
+        yield
+    finally:
+        _replicated_depth -= 1
+
+
 def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _replicated_depth == 0 and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
 

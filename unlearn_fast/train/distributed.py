@@ -30,7 +30,7 @@ import os
 
 import torch
 
-from ..ops import multi_tensor as _mt
+from .. import ops
 
 
 def is_distributed() -> bool:
@@ -80,11 +80,9 @@ def data_parallel(params):
         yield
         return
     handles = [p.register_hook(_average_hook(world)) for p in params]
-    real_reduce = _mt._all_reduce_sum
-    _mt._all_reduce_sum = lambda x: x  # gradients are replicated: their norm needs no further reduction
     try:
-        yield
+        with ops.replicated_gradients():  # averaged gradients: their norm needs no further reduction
+            yield
     finally:
-        _mt._all_reduce_sum = real_reduce
         for h in handles:
             h.remove()
