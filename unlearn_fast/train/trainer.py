@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import optim
 from ..averaging import WeightAverager
 from ..lm import trainable_parameters
 from ..reference_nll import reference_nll
@@ -53,8 +54,9 @@ def distributed() -> bool:
 
 
 def adamw(params, config: TrainConfig):
-    """The default optimizer; ``Trainer(optimizer=...)`` takes any ``(params, config) -> Optimizer``."""
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=False)
+    """The default optimizer: the fused multi-tensor AdamW (one pass over all parameters, torch AdamW's
+    state layout); ``Trainer(optimizer=...)`` takes any ``(params, config) -> Optimizer``."""
+    return optim.FusedAdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def apply_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
