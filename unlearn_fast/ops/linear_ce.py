@@ -47,22 +47,30 @@ def _kernels():
     return linear_ce
 
 
-def _forward_stats(backend, h, weight, bias, target, valid, ignore_index, chunk):
+def _forward_stats(backend, h, weight, bias, target, valid, ignore_index, chunk, need_m):
     if backend == "triton":
         return _kernels().linear_ce_forward(h, weight, bias, target, ignore_index)
-    return torch_path.chunked_pass(h, weight, bias, target, valid, chunk=chunk)
+    # Without E_p[z] the torch pass holds one [chunk, V] block instead of two.
+    return torch_path.chunked_pass(h, weight, bias, target, valid, chunk=chunk, want_ez=need_m)
 
 
 class _TokenStats(torch.autograd.Function):
-    """(h [N, H], weight [V, H], bias [V] | None, target [N]) -> (ce [N], m [N]), zeros on ignored tokens."""
+    """(h [N, H], weight [V, H], bias [V] | None, target [N]) -> (ce [N], m [N]), zeros on ignored tokens.
+
+    With ``need_m=False`` m is not computed (returned as zeros, not differentiable).
+    """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, target, ignore_index, backend, chunk):
+    def forward(ctx, h, weight, bias, target, ignore_index, backend, chunk, need_m):
         valid = target != ignore_index
-        lse, zy, ez = _forward_stats(backend, h, weight, bias, target, valid, ignore_index, chunk)
+        lse, zy, ez = _forward_stats(backend, h, weight, bias, target, valid, ignore_index, chunk, need_m)
         ctx.save_for_backward(h, weight, bias, target, lse, ez)
-        ctx.backend, ctx.chunk, ctx.ignore_index = backend, chunk, ignore_index
+        ctx.backend, ctx.chunk, ctx.ignore_index, ctx.need_m = backend, chunk, ignore_index, need_m
         ctx.set_materialize_grads(False)
+        if not need_m:
+            m = torch.zeros_like(lse)
+            ctx.mark_non_differentiable(m)
+            return lse - zy, m
         return lse - zy, ez - zy
 
     @staticmethod
@@ -72,7 +80,7 @@ class _TokenStats(torch.autograd.Function):
         valid = target != ctx.ignore_index
         zero = torch.zeros_like(lse)
         g_ce = zero if g_ce is None else torch.where(valid, g_ce.to(lse.dtype), 0)
-        if g_m is None:
+        if g_m is None or not ctx.need_m:
             a, b, c = g_ce, None, g_ce
         else:
             g_m = torch.where(valid, g_m.to(lse.dtype), 0)
@@ -93,7 +101,7 @@ class _TokenStats(torch.autograd.Function):
                     h, weight, bias, target, valid, lse=lse, coeffs=coeffs, chunk=ctx.chunk
                 )
         d_b = d_b.to(bias.dtype) if d_b is not None else None
-        return d_h.to(h.dtype), d_w.to(weight.dtype), d_b, None, None, None, None
+        return d_h.to(h.dtype), d_w.to(weight.dtype), d_b, None, None, None, None, None
 
 
 class _SummedCE(torch.autograd.Function):
@@ -141,10 +149,10 @@ class _SummedCE(torch.autograd.Function):
         return out[0], out[1], out[2], None, None, None, None
 
 
-def _token_stats(h, weight, bias, target, ignore_index, backend, chunk):
+def _token_stats(h, weight, bias, target, ignore_index, backend, chunk, need_m=False):
     if backend == "triton" and h.dtype == torch.float64:
         raise TypeError("backend='triton' does not support float64; use backend='torch'")
-    return _TokenStats.apply(h, weight, bias, target, ignore_index, backend, chunk)
+    return _TokenStats.apply(h, weight, bias, target, ignore_index, backend, chunk, need_m)
 
 
 def _prepare(input, linear_weight, target, linear_bias, ignore_index, backend, **per_token):
@@ -239,7 +247,7 @@ def linear_cross_entropy_irm(
     valid = y != ignore_index
     check_ids("env", ids["env"], num_envs, "num_envs", valid)
     env_id = torch.where(valid, ids["env"], 0)
-    ce, m = _token_stats(h, linear_weight, linear_bias, y, ignore_index, backend, chunk_size)
+    ce, m = _token_stats(h, linear_weight, linear_bias, y, ignore_index, backend, chunk_size, need_m=True)
     count = torch.zeros(num_envs, dtype=torch.long, device=h.device).index_add_(0, env_id, valid.long())
     env_loss = _per_group_mean(ce, env_id, count)
     scale_grad = _per_group_mean(m, env_id, count)
