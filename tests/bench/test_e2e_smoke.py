@@ -30,11 +30,12 @@ def test_e2e_smoke_schema_and_ratios(tmp_path):
         fig = run["variants"][variant]
         assert "error" not in fig, fig
         assert fig["fits"] is True
-        for key in ("median_step_s", "tokens_per_s", "peak_extra_mb", "peak_total_mb", "model_mb", "first_loss"):
+        for key in ("median_step_s", "median_cpu_s", "tokens_per_s", "peak_extra_mb", "peak_total_mb", "model_mb", "first_loss"):
             assert isinstance(fig[key], (int, float)) and math.isfinite(fig[key]), (variant, key, fig[key])
         assert fig["median_step_s"] > 0 and fig["tokens_per_s"] > 0 and fig["peak_total_mb"] > fig["model_mb"]
     ratios = run["ratios"]
-    assert set(ratios) == {"ref_over_ours_time", "ref_over_ours_memory"}  # only those whose two variants ran
+    # only the ratios whose two variants ran
+    assert set(ratios) == {"ref_over_ours_time", "ref_over_ours_memory", "ref_over_ours_time_cpu"}
     for key, value in ratios.items():
         assert math.isfinite(value) and value > 0, (key, value)
     # same init and batches: both implementations compute the same objective
