@@ -257,15 +257,19 @@ def plot(path: Path, payload: dict) -> Path:
 
     variants = payload["variants"]
     methods = [m for m in METHODS if any(f"{i}_{m}" in variants for i in IMPLS)]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    panels = [("median_step_s", "step time (s, median, wall clock)"),
+              ("peak_extra_mb", "peak memory above model (MiB)")]
+    if any("median_cpu_s" in v for v in variants.values()):
+        panels.insert(1, ("median_cpu_s", "step time (s, median, process CPU time)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
     width = 0.38
-    for ax, key, label in ((axes[0], "median_step_s", "step time (s, median)"),
-                           (axes[1], "peak_extra_mb", "peak memory above model (MiB)")):
+    for ax, (key, label) in zip(axes, panels):
         for j, impl in enumerate(IMPLS):
             vals = [variants.get(f"{impl}_{m}", {}).get(key) or 0.0 for m in methods]
             xs = [i + (j - 0.5) * width for i in range(len(methods))]
             bars = ax.bar(xs, vals, width, label="unlearn_fast" if impl == "ours" else "reference")
             ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        ax.margins(y=0.12)  # room for the bar labels
         ax.set_xticks(range(len(methods)), methods)
         ax.set_ylabel(label)
         ax.legend()
