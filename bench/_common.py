@@ -207,6 +207,8 @@ def regenerate_results_md() -> Path:
         lines += [f"File `{f.relative_to(REPO)}`; {versions}; threads {env.get('threads', '?')}.", ""]
         if run.get("command"):
             lines += [f"Command: `{run['command']}`", ""]
+        if run.get("note"):
+            lines += [f"Note: {run['note']}", ""]
         if run.get("shapes"):
             lines += ["Shapes: " + ", ".join(f"{k}={v}" for k, v in run["shapes"].items()), ""]
         variants = run.get("variants", {})

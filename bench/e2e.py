@@ -296,6 +296,7 @@ def main(argv=None):
                         help="CPU: intra-op threads per worker (default 1: oversubscribed threads on a shared "
                              "machine make medians meaningless)")
     parser.add_argument("--json", default=None, help="results path (default bench/results/e2e-<device>-<date>.json)")
+    parser.add_argument("--note", default=None, help="a remark stored with the results (e.g. machine load)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shape", default=None, help=argparse.SUPPRESS)
@@ -340,6 +341,8 @@ def main(argv=None):
         "targets": targets,
         "first_loss_rel_diff": loss_agreement(results),
     }
+    if args.note:
+        payload["note"] = args.note
     if size == "8b":
         payload["npo_sam_ilu_fits"] = {impl: results.get(f"{impl}_npo_sam_ilu", {}).get("fits")
                                        for impl in IMPLS}
