@@ -177,14 +177,15 @@ def _fmt(v):
     return str(v)
 
 
-def write_results(name: str, payload: dict, path: str | None = None) -> Path:
+def write_results(name: str, payload: dict, path: str | None = None, *, regenerate: bool = True) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     env = payload.get("environment", {})
     day = _dt.date.today().isoformat()
     out = Path(path) if path else RESULTS_DIR / f"{name}-{env.get('device', 'unknown')}-{day}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": name, **payload}, indent=2) + "\n")
-    regenerate_results_md()
+    if regenerate:  # off for results written outside bench/results (smoke tests)
+        regenerate_results_md()
     return out
 
 
@@ -206,6 +207,8 @@ def regenerate_results_md() -> Path:
         lines += [f"File `{f.relative_to(REPO)}`; {versions}; threads {env.get('threads', '?')}.", ""]
         if run.get("command"):
             lines += [f"Command: `{run['command']}`", ""]
+        if run.get("note"):
+            lines += [f"Note: {run['note']}", ""]
         if run.get("shapes"):
             lines += ["Shapes: " + ", ".join(f"{k}={v}" for k, v in run["shapes"].items()), ""]
         variants = run.get("variants", {})
@@ -221,6 +224,12 @@ def regenerate_results_md() -> Path:
             lines += ["Ratios: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in run["ratios"].items()), ""]
         if run.get("targets"):
             lines += ["Targets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in run["targets"].items()), ""]
+        for key, label in (("first_loss_rel_diff", "First-step objective, ours vs reference (relative difference)"),
+                           ("npo_sam_ilu_fits", "NPO+SAM+ILU fits the device")):
+            if run.get(key):
+                lines += [f"{label}: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in run[key].items()), ""]
+        if run.get("plot") and (f.parent / run["plot"]).exists():
+            lines += [f"![{run.get('benchmark', f.stem)}]({(f.parent / run['plot']).relative_to(BENCH_DIR)})", ""]
     out = BENCH_DIR / "RESULTS.md"
     out.write_text("\n".join(lines))
     return out

@@ -1,0 +1,367 @@
+"""End-to-end unlearning steps, unlearn_fast against the reference approach, side by side.
+
+Methods: npo (forget NPO + retain CE), npo_ilu (+ ILU logit penalty, one
+environment), npo_sam (SAM on the forget loss), npo_sam_ilu, rmu. Each runs in
+two implementations — ``ours`` (``uf.unlearning_gradients``; NPO reads the
+reference NLL cached once by ``uf.reference_nll``: no reference model) and
+``ref`` (``bench/reference_unlearn.py``: the public code's approach) — each
+variant in its own process, from the same seeded model init and the same
+batches, followed by gradient clipping (1.0) and an AdamW step.
+
+Figures per variant: median step time over the steps after warm-up, tokens/s
+(non-padding tokens of every batch the step consumes), peak memory above the
+memory live after the model was loaded (set-up, warm-up and timed steps
+included: optimizer state, reference/frozen model copies, caches, activations;
+CPU: the process's resident-set high-water mark, CUDA: the allocator's peak),
+and the objective at the first step (ours and ref must agree).
+
+    python bench/e2e.py --quick                        # CPU, small Llama, a few minutes
+    python bench/e2e.py --model-size 1b                # GPU, Llama-3.2-1B shape, bf16, seq 512, batch 4
+    python bench/e2e.py --model-size 8b                # GPU, Llama-3-8B shape (full parameters)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+
+from _common import (RESULTS_DIR, PeakMemory, environment, run_variants, sync, worker_report,  # noqa: E402
+                     write_results)
+
+METHODS = ["npo", "npo_ilu", "npo_sam", "npo_sam_ilu", "rmu"]
+IMPLS = ["ours", "ref"]
+ALL_VARIANTS = [f"{impl}_{m}" for m in METHODS for impl in IMPLS]
+
+# Llama shapes (random init from the config: no hub access). quick/tiny are CPU shapes.
+SHAPES = {
+    "tiny": dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=1024, seq=32, batch=2,
+                 tie=False, dtype="float32", rmu_layer=1),
+    "quick": dict(hidden=256, intermediate=688, layers=4, heads=8, kv_heads=4, vocab=32000, seq=128, batch=4,
+                  tie=False, dtype="float32", rmu_layer=2),
+    "1b": dict(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, vocab=128256, seq=512, batch=4,
+               tie=True, dtype="bfloat16", rmu_layer=7),
+    "8b": dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256, seq=512, batch=4,
+               tie=False, dtype="bfloat16", rmu_layer=7),
+}
+HPARAMS = dict(beta=0.1, forget_weight=1.0, retain_weight=1.0, sam_rho=0.01, irm_weight=1.0, lr=5e-6,
+               rmu_steering=6.5, rmu_alpha=1200.0, rmu_lr=5e-5, seed=0)
+PROMPT = 8  # label -100 on the first tokens of every sequence (the "question")
+
+
+# -- worker ---------------------------------------------------------------------------------------
+
+def build_model(shape: dict, device: torch.device, attn: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"], max_position_embeddings=max(shape["seq"], 64),
+        tie_word_embeddings=shape["tie"], attn_implementation=attn,
+    )
+    dtype = getattr(torch, shape["dtype"])
+    torch.manual_seed(HPARAMS["seed"])  # same init in every process, on one device kind
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise directly in the target dtype (8B: no fp32 copy)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.train()
+
+
+def make_batches(shape: dict, count: int, device: torch.device, salt: int) -> list[dict]:
+    """HF-style batches: random tokens, -100 on the prompt and on right padding (the last row is shorter)."""
+    g = torch.Generator().manual_seed(1000 * salt + 7)
+    out = []
+    b, t, vocab = shape["batch"], shape["seq"], shape["vocab"]
+    for _ in range(count):
+        ids = torch.randint(1, vocab, (b, t), generator=g)
+        mask = torch.ones(b, t, dtype=torch.long)
+        if b > 1:
+            mask[-1, t - t // 8:] = 0
+        ids[mask == 0] = 0
+        labels = ids.clone()
+        labels[:, :min(PROMPT, t // 4)] = -100
+        labels[mask == 0] = -100
+        out.append({"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)})
+    return out
+
+
+def parse_variant(variant: str) -> tuple[str, str]:
+    impl, _, method = variant.partition("_")
+    if impl not in IMPLS or method not in METHODS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(ALL_VARIANTS)}")
+    return impl, method
+
+
+def ours_stepper(model, method, forget_batches):
+    import unlearn_fast as uf
+
+    hp = HPARAMS
+    if method == "rmu":
+        config = uf.UnlearnConfig(method="rmu", rmu_layer=hp["rmu_layer"], rmu_steering=hp["rmu_steering"],
+                                  rmu_alpha=hp["rmu_alpha"], seed=hp["seed"], compat="reference")
+    else:
+        config = uf.UnlearnConfig(
+            method="npo", beta=hp["beta"], forget_weight=hp["forget_weight"], retain_weight=hp["retain_weight"],
+            sam_rho=hp["sam_rho"] if "sam" in method else 0.0,
+            irm="logit" if "ilu" in method else None, irm_weight=hp["irm_weight"] if "ilu" in method else 0.0)
+        # NPO's reference NLL: once, before training, from the start model (SPEC §1.1)
+        for batch in forget_batches:
+            # unpadded examples: reference_nll re-pads them into this very batch
+            examples = [{"input_ids": ids[m.bool()], "labels": y[m.bool()]}
+                        for ids, y, m in zip(batch["input_ids"], batch["labels"], batch["attention_mask"])]
+            batch["ref_nll"] = uf.reference_nll(model, examples, batch_size=len(examples)).to(batch["input_ids"].device)
+
+    def gradients(forget, retain, envs):
+        return uf.unlearning_gradients(model, forget, retain, envs, config)["loss"]
+
+    return gradients
+
+
+def ref_stepper(model, method):
+    from reference_unlearn import ReferenceUnlearner
+    from unlearn_fast.rmu import steering_vector
+
+    hp = HPARAMS
+    if method == "rmu":
+        u = steering_vector(model.config.hidden_size, hp["seed"], next(model.parameters()).device, torch.float32)
+        ref = ReferenceUnlearner(model, "rmu", rmu_layer=hp["rmu_layer"], rmu_steering=hp["rmu_steering"],
+                                 rmu_alpha=hp["rmu_alpha"], steering=u)
+    else:
+        ref = ReferenceUnlearner(model, "npo", beta=hp["beta"], forget_weight=hp["forget_weight"],
+                                 retain_weight=hp["retain_weight"], sam_rho=hp["sam_rho"] if "sam" in method else 0.0,
+                                 irm_weight=hp["irm_weight"] if "ilu" in method else 0.0)
+    return ref.gradients
+
+
+def worker(variant: str, shape: dict, steps: int, warmup: int, device: torch.device) -> None:
+    impl, method = parse_variant(variant)
+    with PeakMemory(device):  # the first PeakMemory also fixes glibc's allocation policy (CPU)
+        pass
+    # The reference's double backprop needs the math attention path; everything else uses sdpa.
+    attn = "eager" if impl == "ref" and "ilu" in method else "sdpa"
+    model = build_model(shape, device, attn)
+    HPARAMS["rmu_layer"] = shape["rmu_layer"]
+    if method == "rmu":
+        import unlearn_fast as uf
+
+        uf.rmu_trainable(model, shape["rmu_layer"])
+    n = max(1, min(steps + warmup, 4))  # a few distinct batches, cycled
+    forget, retain, env = (make_batches(shape, n, device, salt) for salt in (1, 2, 3))
+    params = [p for p in model.parameters() if p.requires_grad]
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    times, cpu_times, first_loss = [], [], None
+    try:
+        with PeakMemory(device) as mem:
+            gradients = ours_stepper(model, method, forget) if impl == "ours" else ref_stepper(model, method)
+            lr = HPARAMS["rmu_lr"] if method == "rmu" else HPARAMS["lr"]
+            opt = torch.optim.AdamW(params, lr=lr)
+            for i in range(warmup + steps):
+                k = i % n
+                envs = [env[k]] if "ilu" in method else []
+                sync(device)
+                start, cpu_start = time.perf_counter(), time.process_time()
+                opt.zero_grad(set_to_none=True)
+                loss = gradients(forget[k], retain[k], envs)
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sync(device)
+                if i >= warmup:
+                    times.append(time.perf_counter() - start)
+                    cpu_times.append(time.process_time() - cpu_start)
+                if i == 0:
+                    first_loss = float(loss)
+        fits = True
+    except torch.OutOfMemoryError:
+        fits = False
+    tokens = sum(int(b["attention_mask"].sum()) for b in (forget[0], retain[0]))
+    if "ilu" in method:
+        tokens += int(env[0]["attention_mask"].sum())
+    if not fits:
+        worker_report(impl=impl, method=method, fits=False)
+        return
+    median = statistics.median(times)
+    base = mem.base
+    worker_report(impl=impl, method=method, median_step_s=median, tokens_per_s=tokens / median,
+                  median_cpu_s=statistics.median(cpu_times),
+                  peak_extra_mb=mem.extra / 2**20, peak_total_mb=(base + mem.extra) / 2**20,
+                  model_mb=param_bytes / 2**20, first_loss=first_loss, fits=True)
+
+
+# -- driver ---------------------------------------------------------------------------------------
+
+def summarise(results: dict) -> tuple[dict, dict]:
+    def fig(variant, key):
+        v = results.get(variant, {}).get(key)
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    def ratio(a, b, key):
+        x, y = fig(a, key), fig(b, key)
+        return x / y if x is not None and y else None
+
+    pairs = {
+        "ilu_over_npo": ("ours_npo_ilu", "ours_npo", "median_step_s"),
+        "sam_over_npo": ("ours_npo_sam", "ours_npo", "median_step_s"),
+        "sam_ilu_over_npo": ("ours_npo_sam_ilu", "ours_npo", "median_step_s"),
+        "ref_over_ours_time": ("ref_npo", "ours_npo", "median_step_s"),
+        "ref_over_ours_memory": ("ref_npo", "ours_npo", "peak_extra_mb"),
+        "ref_over_ours_time_sam_ilu": ("ref_npo_sam_ilu", "ours_npo_sam_ilu", "median_step_s"),
+        "ref_over_ours_memory_sam_ilu": ("ref_npo_sam_ilu", "ours_npo_sam_ilu", "peak_extra_mb"),
+        "ref_ilu_over_ref_npo": ("ref_npo_ilu", "ref_npo", "median_step_s"),
+        "ref_over_ours_time_rmu": ("ref_rmu", "ours_rmu", "median_step_s"),
+        "ref_over_ours_memory_rmu": ("ref_rmu", "ours_rmu", "peak_extra_mb"),
+    }
+    ratios = {k: r for k, (a, b, key) in pairs.items() if (r := ratio(a, b, key)) is not None}
+    # The same time ratios from process CPU time: on a shared CPU machine (one intra-op thread) this is
+    # what a step costs, whatever else the machine runs; wall-clock ratios there carry the load's noise.
+    cpu_ratios = {f"{k}_cpu": r for k, (a, b, key) in pairs.items()
+                  if key == "median_step_s" and (r := ratio(a, b, "median_cpu_s")) is not None}
+    limits = {"ilu_over_npo <= 1.5": ("ilu_over_npo", lambda r: r <= 1.5),
+              "sam_over_npo <= 2.1": ("sam_over_npo", lambda r: r <= 2.1),
+              "ref_over_ours_time >= 1.6": ("ref_over_ours_time", lambda r: r >= 1.6),
+              "ref_over_ours_memory >= 2": ("ref_over_ours_memory", lambda r: r >= 2.0)}
+    targets = {name: ok(ratios[key]) for name, (key, ok) in limits.items() if key in ratios}
+    targets |= {f"{name} (cpu time)": ok(cpu_ratios[key + "_cpu"]) for name, (key, ok) in limits.items()
+                if key + "_cpu" in cpu_ratios}
+    return ratios | cpu_ratios, targets
+
+
+def loss_agreement(results: dict) -> dict:
+    """Relative difference of the first-step objective, ours against ref, per method (same init, same batches)."""
+    out = {}
+    for m in METHODS:
+        a = results.get(f"ours_{m}", {}).get("first_loss")
+        b = results.get(f"ref_{m}", {}).get("first_loss")
+        if a is not None and b is not None:
+            out[m] = abs(a - b) / max(abs(b), 1e-12)
+    return out
+
+
+def plot(path: Path, payload: dict) -> Path:
+    """Step time and peak memory per method, ours beside ref, next to the JSON (same stem, .png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = payload["variants"]
+    methods = [m for m in METHODS if any(f"{i}_{m}" in variants for i in IMPLS)]
+    panels = [("median_step_s", "step time (s, median, wall clock)"),
+              ("peak_extra_mb", "peak memory above model (MiB)")]
+    if any("median_cpu_s" in v for v in variants.values()):
+        panels.insert(1, ("median_cpu_s", "step time (s, median, process CPU time)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
+    width = 0.38
+    for ax, (key, label) in zip(axes, panels):
+        for j, impl in enumerate(IMPLS):
+            vals = [variants.get(f"{impl}_{m}", {}).get(key) or 0.0 for m in methods]
+            xs = [i + (j - 0.5) * width for i in range(len(methods))]
+            bars = ax.bar(xs, vals, width, label="unlearn_fast" if impl == "ours" else "reference")
+            ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        ax.margins(y=0.12)  # room for the bar labels
+        ax.set_xticks(range(len(methods)), methods)
+        ax.set_ylabel(label)
+        ax.legend()
+    env = payload["environment"]
+    fig.suptitle(f"{payload['shape_name']} on {env['device']} — torch {env['versions'].get('torch')} — {env['date']}",
+                 fontsize=9)
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CPU shape: small Llama, a few steps")
+    parser.add_argument("--model-size", choices=sorted(SHAPES), default=None,
+                        help="1b | 8b (GPU, bf16, seq 512, batch 4); quick | tiny (CPU)")
+    parser.add_argument("--variants", default=None, help=f"comma-separated subset of {','.join(ALL_VARIANTS)}")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 3 on CPU, 10 on GPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 on CPU, 3 on GPU)")
+    parser.add_argument("--device", default=None, help="cpu | cuda (default cuda when available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU: intra-op threads per worker (default 1: oversubscribed threads on a shared "
+                             "machine make medians meaningless)")
+    parser.add_argument("--json", default=None, help="results path (default bench/results/e2e-<device>-<date>.json)")
+    parser.add_argument("--note", default=None, help="a remark stored with the results (e.g. machine load)")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--shape", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    steps = args.steps if args.steps is not None else (10 if on_gpu else 3)
+    warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+    threads = args.threads if args.threads is not None else (torch.get_num_threads() if on_gpu else 1)
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    if args.worker:
+        return worker(args.worker, json.loads(args.shape), steps, warmup, device)
+
+    size = args.model_size or ("quick" if args.quick or not on_gpu else "1b")
+    shape = dict(SHAPES[size])
+    variants = args.variants.split(",") if args.variants else ALL_VARIANTS
+    for v in variants:
+        parse_variant(v)
+    print(f"end-to-end unlearning steps on {device}, shape {size}: {shape}")
+    worker_args = ["--shape", json.dumps(shape), "--steps", str(steps), "--warmup", str(warmup),
+                   "--device", device.type, "--threads", str(threads)]
+    results = run_variants(__file__, variants, worker_args, timeout=3600)
+    ratios, targets = summarise(results)
+    env = environment(device)
+    command = "python bench/e2e.py " + (f"--model-size {size}" if size not in ("quick",) else "--quick")
+    if args.variants:
+        command += f" --variants {args.variants}"
+    command += f" --steps {steps} --warmup {warmup}" + ("" if on_gpu else f" --threads {threads}")
+    payload = {
+        "environment": env,
+        "command": command,
+        "shape_name": size,
+        "shapes": {**shape, "steps": steps, "warmup": warmup},
+        "hyperparameters": HPARAMS | {"rmu_layer": shape["rmu_layer"]},
+        "variants": results,
+        "ratios": ratios,
+        "targets": targets,
+        "first_loss_rel_diff": loss_agreement(results),
+    }
+    if args.note:
+        payload["note"] = args.note
+    if size == "8b":
+        payload["npo_sam_ilu_fits"] = {impl: results.get(f"{impl}_npo_sam_ilu", {}).get("fits")
+                                       for impl in IMPLS}
+    day = _dt.date.today().isoformat()
+    out = Path(args.json) if args.json else RESULTS_DIR / f"e2e-{size}-{env['device']}-{day}.json"
+    in_results = out.resolve().parent == RESULTS_DIR.resolve()
+    if not args.no_plot:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        payload["plot"] = plot(out, payload).name
+    out = write_results("e2e", payload, str(out), regenerate=in_results)
+    print(f"wrote {out}" + (" and bench/RESULTS.md" if in_results else ""))
+    for k, v in ratios.items():
+        print(f"  {k:32s} {v:.3f}")
+    for k, v in targets.items():
+        print(f"  target {k}: {'met' if v else 'NOT met'}")
+    for k, v in payload["first_loss_rel_diff"].items():
+        print(f"  first-step objective, ours vs ref, {k}: rel diff {v:.2e}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Smoke run of bench/e2e.py: a tiny Llama, two steps, ours vs reference NPO, into a temporary JSON file."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _e2e():
+    sys.path.insert(0, str(BENCH))
+    import e2e
+
+    return e2e
+
+
+def test_e2e_smoke_schema_and_ratios(tmp_path):
+    e2e = _e2e()
+    out = tmp_path / "e2e.json"
+    e2e.main(["--model-size", "tiny", "--variants", "ours_npo,ref_npo", "--steps", "2", "--warmup", "0",
+              "--device", "cpu", "--json", str(out)])
+    run = json.loads(out.read_text())
+    assert run["benchmark"] == "e2e"
+    env = run["environment"]
+    assert env["device"].startswith("cpu") and env["versions"]["torch"] and env["date"]
+    assert run["shape_name"] == "tiny" and run["shapes"]["steps"] == 2
+    for variant in ("ours_npo", "ref_npo"):
+        fig = run["variants"][variant]
+        assert "error" not in fig, fig
+        assert fig["fits"] is True
+        for key in ("median_step_s", "median_cpu_s", "tokens_per_s", "peak_extra_mb", "peak_total_mb", "model_mb", "first_loss"):
+            assert isinstance(fig[key], (int, float)) and math.isfinite(fig[key]), (variant, key, fig[key])
+        assert fig["median_step_s"] > 0 and fig["tokens_per_s"] > 0 and fig["peak_total_mb"] > fig["model_mb"]
+    ratios = run["ratios"]
+    # only the ratios whose two variants ran
+    assert set(ratios) == {"ref_over_ours_time", "ref_over_ours_memory", "ref_over_ours_time_cpu"}
+    for key, value in ratios.items():
+        assert math.isfinite(value) and value > 0, (key, value)
+    # same init and batches: both implementations compute the same objective
+    assert run["first_loss_rel_diff"]["npo"] < 1e-4
+    assert (tmp_path / run["plot"]).exists()
+    # a results file outside bench/results leaves bench/RESULTS.md alone: the summary is recomputed from the file
+    assert e2e.summarise(run["variants"])[0] == ratios
+
+
+def test_e2e_summarise_targets():
+    e2e = _e2e()
+    fig = lambda t, m: {"median_step_s": t, "peak_extra_mb": m}  # noqa: E731
+    results = {"ours_npo": fig(1.0, 100.0), "ref_npo": fig(2.0, 250.0), "ours_npo_ilu": fig(1.6, 100.0),
+               "ours_npo_sam": fig(2.0, 120.0), "ours_npo_sam_ilu": fig(2.5, 120.0), "ref_npo_sam_ilu": fig(9.0, 400.0)}
+    ratios, targets = e2e.summarise(results)
+    assert ratios["ilu_over_npo"] == 1.6 and ratios["sam_over_npo"] == 2.0 and ratios["sam_ilu_over_npo"] == 2.5
+    assert ratios["ref_over_ours_time"] == 2.0 and ratios["ref_over_ours_memory"] == 2.5
+    assert ratios["ref_over_ours_time_sam_ilu"] == 3.6
+    assert targets == {"ilu_over_npo <= 1.5": False, "sam_over_npo <= 2.1": True,
+                       "ref_over_ours_time >= 1.6": True, "ref_over_ours_memory >= 2": True}
+
+
+def test_e2e_rejects_unknown_variant():
+    import pytest
+
+    e2e = _e2e()
+    with pytest.raises(ValueError, match="unknown variant"):
+        e2e.parse_variant("ours_dpo")
+
+
+def _grads_after(model, fn):
+    model.zero_grad(set_to_none=True)
+    fn()
+    return [p.grad.clone() if p.grad is not None else None for p in model.parameters()]
+
+
+def test_reference_gradients_match_ours():
+    """The benchmark's reference re-implementation computes the same step gradient as uf (fair comparison)."""
+    import pytest
+    import torch
+
+    import unlearn_fast as uf
+    from tests.tiny import make_batch, tiny_llama
+
+    sys.path.insert(0, str(BENCH))
+    from reference_unlearn import ReferenceUnlearner
+
+    model = tiny_llama(layers=3)
+    forget, retain, env = make_batch(1), make_batch(2), make_batch(3)
+    forget["ref_nll"] = uf.reference_nll(
+        model, [{"input_ids": i[m.bool()], "labels": y[m.bool()]}
+                for i, y, m in zip(forget["input_ids"], forget["labels"], forget["attention_mask"])])
+    with torch.no_grad():  # move away from the start model so that NPO's Δ is not zero
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    for sam, irm in ((0.05, 2.0),):  # NPO + retain + SAM + ILU: every term of the benchmark's NPO variants
+        config = uf.UnlearnConfig(method="npo", beta=0.5, retain_weight=1.5, sam_rho=sam,
+                                  irm="logit" if irm else None, irm_weight=irm)
+        ours = _grads_after(model, lambda: uf.unlearning_gradients(model, forget, retain, [env], config))
+        ref_model = tiny_llama(layers=3)  # the reference model holds the start weights
+        ref = ReferenceUnlearner(ref_model, "npo", beta=0.5, retain_weight=1.5, sam_rho=sam, irm_weight=irm)
+        ref_model.load_state_dict(model.state_dict())
+        theirs = _grads_after(ref_model, lambda: ref.gradients(forget, retain, [env]))
+        for a, b in zip(ours, theirs):
+            assert torch.allclose(a, b, rtol=1e-3, atol=1e-5), (sam, irm, (a - b).abs().max())
+
+    rmu_model = tiny_llama(layers=3)
+    names = uf.rmu_trainable(rmu_model, 1, span=2)
+    assert names
+    twin = tiny_llama(layers=3)
+    uf.rmu_trainable(twin, 1, span=2)
+    config = uf.UnlearnConfig(method="rmu", rmu_layer=1, rmu_steering=3.0, rmu_alpha=10.0, compat="reference")
+    u = uf.rmu.steering_vector(32, 0, "cpu", torch.float32)
+    ref = ReferenceUnlearner(twin, "rmu", rmu_layer=1, rmu_steering=3.0, rmu_alpha=10.0, steering=u)
+    ours = _grads_after(rmu_model, lambda: uf.unlearning_gradients(rmu_model, forget, retain, config=config))
+    theirs = _grads_after(twin, lambda: ref.gradients(forget, retain))
+    compared = 0
+    for a, b in zip(ours, theirs):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
+            compared += 1
+    assert compared == 2
