@@ -33,9 +33,9 @@ from .tokenizer import FILE_NAME, WordTokenizer
 
 @dataclass(frozen=True)
 class ModelSpec:
-    hidden_size: int = 192
-    intermediate_size: int = 512
-    num_hidden_layers: int = 4
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 3
     num_attention_heads: int = 4
     num_key_value_heads: int = 4
     max_position_embeddings: int = 64
