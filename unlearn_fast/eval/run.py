@@ -148,25 +148,38 @@ def unlearn(model, data: Data, name: str, spec: UnlearnSpec, *, seed: int, ref_n
 
 
 # ---------------------------------------------------------------- evaluation
-def evaluate(model, data: Data, spec: RunSpec, *, seed: int, attacks: bool = True) -> dict:
-    """Metrics of a model and, with ``attacks``, the three attacks (each on a copy)."""
+ATTACKS = ("relearn", "finetune", "quant")
+
+
+def evaluate(model, data: Data, spec: RunSpec, *, seed: int, attacks=ATTACKS) -> dict:
+    """Metrics of a model and the named attacks (each on a copy; a skipped attack's figures are None)."""
     kw = dict(pad_token_id=data.pad)
     forget = answer_accuracy(model, data.forget_probe, **kw)
     row = {"forget_acc": forget["acc"], "forget_prob": forget["prob"],
            "retain_acc": answer_accuracy(model, data.retain_probe, **kw)["acc"],
            "utility_ppl": perplexity(model, data.utility, **kw)}
-    if not attacks:
-        return row
-    row["relearn"] = relearn_attack(model, data.forget_train, data.forget_probe, spec.relearn, seed=seed, **kw)
-    row["relearn_forget_acc"] = row["relearn"]["forget_acc"]
-    row["finetune"] = {env: finetune_attack(model, data.env_train[env], data.env_test[env], data.forget_probe,
-                                            spec.finetune, seed=seed, **kw) for env in data.env_train}
-    row["finetune_forget_acc"] = sum(r["forget_acc"] for r in row["finetune"].values()) / len(row["finetune"])
-    row["finetune_task_acc"] = sum(r["task_acc"] for r in row["finetune"].values()) / len(row["finetune"])
-    for bits in (8, 4):
-        row[f"quant{bits}_forget_acc"] = answer_accuracy(quantized_copy(model, bits, spec.quant_group),
-                                                         data.forget_probe, **kw)["acc"]
+    row.update(relearn_forget_acc=None, finetune_forget_acc=None, quant8_forget_acc=None, quant4_forget_acc=None)
+    if "relearn" in attacks:
+        row["relearn"] = relearn_attack(model, data.forget_train, data.forget_probe, spec.relearn, seed=seed, **kw)
+        row["relearn_forget_acc"] = row["relearn"]["forget_acc"]
+    if "finetune" in attacks:
+        row["finetune"] = {env: finetune_attack(model, data.env_train[env], data.env_test[env], data.forget_probe,
+                                                spec.finetune, seed=seed, **kw) for env in data.env_train}
+        row["finetune_forget_acc"] = sum(r["forget_acc"] for r in row["finetune"].values()) / len(row["finetune"])
+        row["finetune_task_acc"] = sum(r["task_acc"] for r in row["finetune"].values()) / len(row["finetune"])
+    if "quant" in attacks:
+        for bits in (8, 4):
+            row[f"quant{bits}_forget_acc"] = answer_accuracy(quantized_copy(model, bits, spec.quant_group),
+                                                             data.forget_probe, **kw)["acc"]
     return row
+
+
+def _attacks(text: str) -> tuple[str, ...]:
+    names = tuple(a.strip() for a in text.split(",") if a.strip()) if text not in ("", "none") else ()
+    bad = [a for a in names if a not in ATTACKS]
+    if bad:
+        raise ValueError(f"--attacks: unknown attack(s) {bad}; choose from {', '.join(ATTACKS)} or 'none'")
+    return names
 
 
 def versions() -> dict:
@@ -195,6 +208,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads (default 1: the models are small, more threads mostly add overhead)")
     parser.add_argument("--cache-dir", default=None, help="model cache (default $UNLEARN_FAST_CACHE or "
                                                           "~/.cache/unlearn_fast)")
+    parser.add_argument("--attacks", default=",".join(ATTACKS),
+                        help=f"comma-separated attacks to run (default: {','.join(ATTACKS)}; 'none' for metrics only)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a setting, e.g. --set unlearn.irm_weight=0.3 --set relearn.lr=3e-3 "
+                             "(sections: teach, unlearn, relearn, finetune)")
 
 
 def build_run_parser() -> argparse.ArgumentParser:
@@ -211,7 +229,6 @@ def build_eval_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unlearn-fast eval", description="Metrics and attacks on a checkpoint.")
     _common(parser)
     parser.add_argument("--checkpoint", required=True, help="Hugging Face model directory (e.g. a run's final/)")
-    parser.add_argument("--no-attacks", action="store_true", help="metrics only")
     parser.add_argument("--knowmem", default=None, help="JSON-lines file of {question, answer}: MUSE KnowMem")
     parser.add_argument("--verbmem", default=None, help="JSON-lines file of {prompt, continuation}: MUSE VerbMem")
     parser.add_argument("--lm-eval-tasks", default=None,
@@ -229,7 +246,30 @@ def _setup(args) -> RunSpec:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    return quick_spec() if args.quick else RunSpec()
+    spec = quick_spec() if args.quick else RunSpec()
+    for item in args.overrides:
+        spec = apply_override(spec, item)
+    return spec
+
+
+def apply_override(spec: RunSpec, item: str) -> RunSpec:
+    """``section.field=value`` -> a RunSpec with that field replaced (the value parsed as the field's type)."""
+    key, sep, value = item.partition("=")
+    section, _, name = key.strip().partition(".")
+    sub = getattr(spec, section, None) if sep else None
+    if sub is None or not hasattr(sub, "__dataclass_fields__") or name not in sub.__dataclass_fields__:
+        raise ValueError(f"--set expects SECTION.FIELD=VALUE with SECTION in teach, unlearn, relearn, finetune and "
+                         f"FIELD one of its settings, got {item!r}")
+    kind = type(getattr(sub, name))
+    try:
+        parsed = kind(value) if kind is not bool else value.lower() in ("1", "true", "yes")
+    except ValueError:
+        raise ValueError(f"--set {key}: {value!r} is not a valid {kind.__name__}") from None
+    return replace(spec, **{section: replace(sub, **{name: parsed})})
+
+
+def _f(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def run_main(argv: list[str] | None = None) -> int:
@@ -239,6 +279,7 @@ def run_main(argv: list[str] | None = None) -> int:
     for m in methods:
         if m != "original":
             method_config(m, spec.unlearn, 4, args.seed)  # fail early on an unknown name
+    attacks = _attacks(args.attacks)
     out = _output(args.output)
     start = time.perf_counter()
     timings = {}
@@ -258,13 +299,13 @@ def run_main(argv: list[str] | None = None) -> int:
         terms = unlearn(model, data, name, spec.unlearn, seed=args.seed, ref_nll=ref_nll) if name != "original" else {}
         seconds = time.perf_counter() - t0
         log(f"[{i}/{len(methods)}] {name}: evaluating and attacking ...")
-        row = evaluate(model, data, spec, seed=args.seed)
+        row = evaluate(model, data, spec, seed=args.seed, attacks=attacks)
         row.update(seconds=seconds, attack_seconds=time.perf_counter() - t0 - seconds,
                    last_step={k: v for k, v in terms.items() if isinstance(v, float)})
         results[name] = row
         log(f"[{i}/{len(methods)}] {name}: forget {row['forget_acc']:.3f} retain {row['retain_acc']:.3f} "
-            f"ppl {row['utility_ppl']:.2f} | relearn {row['relearn_forget_acc']:.3f} finetune "
-            f"{row['finetune_forget_acc']:.3f} q8 {row['quant8_forget_acc']:.3f} q4 {row['quant4_forget_acc']:.3f} "
+            f"ppl {row['utility_ppl']:.2f} | relearn {_f(row['relearn_forget_acc'])} finetune "
+            f"{_f(row['finetune_forget_acc'])} q8 {_f(row['quant8_forget_acc'])} q4 {_f(row['quant4_forget_acc'])} "
             f"({seconds:.1f} s + {row['attack_seconds']:.1f} s attacks)")
         timings[name] = time.perf_counter() - t0
         del model
@@ -308,7 +349,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     corpus = build_corpus(args.seed, **spec.corpus)
     data = Data(corpus, tokenizer)
     log(f"evaluating {args.checkpoint} on the synthetic corpus (seed {args.seed}) ...")
-    row = evaluate(model, data, spec, seed=args.seed, attacks=not args.no_attacks)
+    row = evaluate(model, data, spec, seed=args.seed, attacks=_attacks(args.attacks))
     extra = {}
     if args.knowmem:
         extra["knowmem"] = knowmem(model, tokenizer, _read_jsonl(args.knowmem), pad_token_id=data.pad)
