@@ -144,10 +144,10 @@ def relearn_attack(model: nn.Module, forget_train, forget_probe, spec: RelearnSp
 
 @dataclass
 class FinetuneSpec:
-    steps: int = 40
+    steps: int = 24
     lr: float = 1e-3
     batch_size: int = 16
-    eval_every: int = 10
+    eval_every: int = 6
 
 
 def finetune_attack(model: nn.Module, env_train, env_test, forget_probe, spec: FinetuneSpec, *, seed: int = 0,

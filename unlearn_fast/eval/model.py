@@ -47,6 +47,7 @@ class TeachSpec:
     lr: float = 3e-3
     batch_size: int = 48
     text_per_batch: int = 8
+    env_per_batch: int = 12  # the unrelated tasks too: a "pretrained" model is competent at general tasks
     max_steps: int = 2500
     min_steps: int = 200
     eval_every: int = 100
@@ -73,9 +74,11 @@ def build_llama(spec: ModelSpec, vocab_size: int, seed: int):
 
 
 def teach(model, tokenizer, corpus: Corpus, spec: TeachSpec, *, seed: int = 0, progress=print) -> dict:
-    """Train ``model`` on all facts (answer tokens) and the general sentences until it knows the facts."""
+    """Train ``model`` on all facts (answer tokens), the general sentences and the environments' training
+    records, until it knows the facts."""
     qa = encode_qa(corpus.forget + corpus.retain, tokenizer)
     text = encode_text(corpus.general_train, tokenizer)
+    env = encode_qa([r for e in corpus.envs.values() for r in e["train"]], tokenizer)
     probe_forget = encode_qa(corpus.forget, tokenizer, eos=False)
     probe_retain = encode_qa(corpus.retain, tokenizer, eos=False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -86,7 +89,8 @@ def teach(model, tokenizer, corpus: Corpus, spec: TeachSpec, *, seed: int = 0, p
     start, state = time.perf_counter(), {}
     model.train()
     for step in range(1, spec.max_steps + 1):
-        examples = rng.sample(qa, min(spec.batch_size, len(qa))) + rng.sample(text, min(spec.text_per_batch, len(text)))
+        examples = (rng.sample(qa, min(spec.batch_size, len(qa))) + rng.sample(text, min(spec.text_per_batch, len(text)))
+                    + rng.sample(env, min(spec.env_per_batch, len(env))))
         batch = collate(examples, pad, device)
         loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
@@ -128,7 +132,7 @@ def default_model(corpus: Corpus, *, spec: ModelSpec = DEFAULT_MODEL, teach_spec
     """(model, tokenizer, info) of the default model for ``corpus``: from the cache, or built, taught and cached."""
     tokenizer = WordTokenizer.from_texts(corpus.all_texts())
     key = _key(asdict(spec), asdict(teach_spec), seed, tokenizer.vocab, corpus.forget, corpus.retain,
-               corpus.general_train)
+               corpus.general_train, corpus.envs)
     directory = Path(cache_dir or cache_root()) / f"default-{key}"
     if (directory / "model.safetensors").exists():
         model, tokenizer = load_directory(directory)
@@ -211,7 +215,7 @@ def smollm2_base(cache_dir=None, progress=print):
 def smollm2_model(corpus: Corpus, *, teach_spec: TeachSpec = TeachSpec(lr=2e-4, batch_size=16, text_per_batch=4),
                   seed: int = 0, cache_dir=None, progress=print):
     """SmolLM2-135M taught the corpus (cached like the default model)."""
-    key = _key("smollm2", asdict(teach_spec), seed, corpus.forget, corpus.retain, corpus.general_train)
+    key = _key("smollm2", asdict(teach_spec), seed, corpus.forget, corpus.retain, corpus.general_train, corpus.envs)
     directory = Path(cache_dir or cache_root()) / f"smollm2-taught-{key}"
     if (directory / "config.json").exists():
         model, tokenizer = load_directory(directory)

@@ -15,6 +15,8 @@ COLUMNS = [  # (key in report.json, header)
     ("seconds", "unlearning s"),
 ]
 REQUIRED = [key for key, _ in COLUMNS]
+COLUMNS[5:5] = [("relearn_gain", "relearning gain ↓"), ("finetune_gain", "fine-tuning gain ↓"),
+                ("finetune_task_acc", "task acc after fine-tuning")]
 
 
 def _fmt(value) -> str:
@@ -41,7 +43,7 @@ def write_markdown(report: dict, path: Path) -> None:
              "after relearning: on the forget questions not shown to the attacker, after fine-tuning on "
              f"{cfg.get('relearn', {}).get('samples', 'k')} others; after fine-tuning: mean over the unrelated "
              "tasks of the forget accuracy at the first-quartile, median and final checkpoints (the robustness "
-             "score: lower is more robust); 8/4-bit: round-to-nearest group-wise weight quantization.", ""]
+             "score: lower is more robust); gains: what each attack brings back on the same questions; 8/4-bit: round-to-nearest group-wise weight quantization.", ""]
     tasks = {n: r.get("finetune") for n, r in report["methods"].items() if r.get("finetune")}
     if tasks:
         envs = sorted(next(iter(tasks.values())))

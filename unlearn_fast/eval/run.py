@@ -39,15 +39,17 @@ class UnlearnSpec:
     steps: int = 40
     batch_size: int = 16
     env_batch_size: int = 8
-    lr: float = 1e-3
-    ga_lr: float = 1e-3
+    lr: float = 5e-4
+    ga_lr: float = 2e-4
     npo_beta: float = 0.1
     retain_weight: float = 1.0
     sam_rho: float = 0.01
-    irm_weight: float = 1.0
-    rmu_lr: float = 1e-3
-    rmu_steering: float = 6.5
-    rmu_alpha: float = 100.0
+    irm_weight: float = 0.3
+    rmu_lr: float = 1e-2
+    # the steering norm must exceed the natural activation norm at the RMU layer (~60 here; Zephyr's 6.5 is
+    # for its own scale)
+    rmu_steering: float = 300.0
+    rmu_alpha: float = 3.0
 
 
 @dataclass
@@ -162,10 +164,13 @@ def evaluate(model, data: Data, spec: RunSpec, *, seed: int, attacks=ATTACKS) ->
     if "relearn" in attacks:
         row["relearn"] = relearn_attack(model, data.forget_train, data.forget_probe, spec.relearn, seed=seed, **kw)
         row["relearn_forget_acc"] = row["relearn"]["forget_acc"]
+        # recovery: the attack's gain on the same questions (the relearning ones exclude the shown samples)
+        row["relearn_gain"] = row["relearn_forget_acc"] - row["relearn"]["curve"][0][1]
     if "finetune" in attacks:
         row["finetune"] = {env: finetune_attack(model, data.env_train[env], data.env_test[env], data.forget_probe,
                                                 spec.finetune, seed=seed, **kw) for env in data.env_train}
         row["finetune_forget_acc"] = sum(r["forget_acc"] for r in row["finetune"].values()) / len(row["finetune"])
+        row["finetune_gain"] = row["finetune_forget_acc"] - row["forget_acc"]
         row["finetune_task_acc"] = sum(r["task_acc"] for r in row["finetune"].values()) / len(row["finetune"])
     if "quant" in attacks:
         for bits in (8, 4):
