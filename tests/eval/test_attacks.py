@@ -67,36 +67,33 @@ def taught():
     from unlearn_fast.eval.run import Data
     from unlearn_fast.eval.tokenizer import WordTokenizer
 
-    corpus = build_corpus(0, num_entities=10, forget_entities=4, general=20, utility=5, env_train=40, env_test=16)
+    corpus = build_corpus(0, num_entities=16, forget_entities=6, general=20, utility=5, env_train=40, env_test=16)
     tok = WordTokenizer.from_texts(corpus.all_texts())
-    model = build_llama(ModelSpec(hidden_size=64, intermediate_size=128, num_hidden_layers=2), len(tok), seed=0)
-    info = teach(model, tok, corpus, TeachSpec(lr=1e-2, batch_size=40, text_per_batch=4, max_steps=150,
-                                               min_steps=20, eval_every=10, target=1.0), progress=lambda m: None)
+    model = build_llama(ModelSpec(), len(tok), seed=0)  # the default model's shape (a smaller one hardly relearns)
+    info = teach(model, tok, corpus, TeachSpec(lr=3e-3, batch_size=32, text_per_batch=4, env_per_batch=0,
+                                               max_steps=300, min_steps=20, eval_every=10, target=1.0),
+                 progress=lambda m: None)
     assert info["forget_acc"] >= 0.9
     return model, Data(corpus, tok)
 
 
 def test_relearning_brings_back_what_gradient_ascent_hid(taught):
-    import unlearn_fast as uf
     from unlearn_fast.eval.metrics import answer_accuracy
-    from unlearn_fast.reference_nll import collate
+    from unlearn_fast.eval.run import UnlearnSpec, unlearn
 
     model, data = taught
     ga = copy.deepcopy(model)
-    opt = torch.optim.SGD(ga.parameters(), lr=0.05)
-    batch = collate(data.forget_train, data.pad)
-    for _ in range(100):  # plain GA until the forget answers are gone
-        opt.zero_grad()
-        uf.unlearning_gradients(ga, batch, None, (), uf.UnlearnConfig(method="ga"))
-        opt.step()
-        if answer_accuracy(ga, data.forget_probe)["acc"] == 0:
+    for chunk in range(12):  # plain gradient ascent, 5 steps at a time, until at most a quarter is answered
+        unlearn(ga, data, "ga", UnlearnSpec(steps=5, batch_size=16, ga_lr=2e-4), seed=chunk)
+        if answer_accuracy(ga, data.forget_probe)["acc"] <= 0.25:
             break
+    assert answer_accuracy(ga, data.forget_probe)["acc"] <= 0.25
     before = {k: v.clone() for k, v in ga.state_dict().items()}
-    spec = RelearnSpec(samples=6, steps=10, lr=3e-3, batch_size=4, eval_every=5)
+    spec = RelearnSpec(samples=8, steps=10, lr=1e-3, batch_size=4, eval_every=5)
     result = relearn_attack(ga, data.forget_train, data.forget_probe, spec, seed=0)
-    assert result["curve"][0] == [0, 0.0]
-    assert result["forget_acc"] >= 0.2  # questions never shown to the attacker come back (0 before)
-    assert result["scored"] == len(data.forget_train) - 6
+    # questions never shown to the attacker come back (here at least 2 of the 16; the main job shows more)
+    assert result["forget_acc"] >= result["curve"][0][1] + 0.1, result["curve"]
+    assert result["scored"] == len(data.forget_train) - 8
     for k, v in ga.state_dict().items():  # the attack works on a copy
         assert torch.equal(v, before[k])
 
@@ -108,5 +105,4 @@ def test_finetune_attack_learns_the_task_and_reports_quartiles(taught):
                              spec, seed=0)
     assert sorted(result["checkpoints"]) == [3, 6, 12]
     assert result["forget_acc"] == pytest.approx(sum(result["checkpoints"].values()) / 3)
-    assert result["task_acc"] > result["task_acc_before"]
-    assert result["task_acc"] >= 0.6
+    assert result["task_acc"] >= result["task_acc_before"] + 0.2
