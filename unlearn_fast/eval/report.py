@@ -88,7 +88,10 @@ def plot(report: dict, path: Path) -> bool:
     for ax in (ax_ft, ax_rl):
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    ax_rl.legend(fontsize=8)
+    for ax in (ax_rl, ax_ft):  # one legend, on a panel that has lines
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+            break
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
