@@ -64,8 +64,11 @@ def naive_irm_penalty(model, env_batches):
     return penalty
 
 
-def naive_sam_gradients(model, forget_fn, rho, adaptive=False):
-    """Cloned-parameter SAM: returns ∇ℓ_f at θ + ρ g/‖g‖ as a list, restoring θ from the clones."""
+def naive_sam_gradients(model, forget_fn, rho, adaptive=False, loss_fn=None):
+    """Cloned-parameter SAM: returns ∇ℓ_f at θ + ρ g/‖g‖ as a list, restoring θ from the clones.
+
+    ``loss_fn``: take the gradient of this loss at the perturbed point instead of ℓ_f's.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(forget_fn(), params)
     clones = [p.detach().clone() for p in params]
@@ -78,7 +81,7 @@ def naive_sam_gradients(model, forget_fn, rho, adaptive=False):
             norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
             for p, g in zip(params, grads):
                 p.add_(rho * g / norm)
-    perturbed = torch.autograd.grad(forget_fn(), params)
+    perturbed = torch.autograd.grad((loss_fn or forget_fn)(), params)
     with torch.no_grad():
         for p, c in zip(params, clones):
             p.copy_(c)

@@ -102,18 +102,8 @@ def test_sam_matches_cloned_parameter_sam(fp32, adaptive):
     # perturbed weights, are both far from ours.
     plain = naive_grads(model, conf.forget_weight * forget_fn())
     assert rel_diff([a + b for a, b in zip(plain, g_r)], naive) > 1e-2
-    params = params_of(model)
-    g = torch.autograd.grad(forget_fn(), params)
-    with torch.no_grad():
-        scale = [p.abs() ** 2 if adaptive else torch.ones_like(p) for p in params]
-        n = torch.sqrt(sum((((p.abs() if adaptive else 1) * x) ** 2).sum() for p, x in zip(params, g)))
-        clones = [p.clone() for p in params]
-        for p, x, s in zip(params, g, scale):
-            p.add_(rho * s * x / n)
-    wrong_r = naive_grads(model, conf.retain_weight * ref.naive_retain_loss(model, retain, conf))
-    with torch.no_grad():
-        for p, c in zip(params, clones):
-            p.copy_(c)
+    retain_fn = lambda: conf.retain_weight * ref.naive_retain_loss(model, retain, conf)  # noqa: E731
+    wrong_r = ref.naive_sam_gradients(model, forget_fn, rho, adaptive, loss_fn=retain_fn)
     assert rel_diff([conf.forget_weight * a + b for a, b in zip(g_f, wrong_r)], naive) > 1e-2
 
 
@@ -139,7 +129,7 @@ def test_ilu_logit_unbiased_matches_per_half_double_backprop(fp32):
     conf = uf.UnlearnConfig(method="ga", irm="logit_unbiased", irm_weight=50.0)
     grads, metrics = ours_grads(model, forget, None, envs, conf)
     penalty = ref.naive_irm_unbiased_penalty(model, envs)
-    assert metrics["irm_penalty"] == pytest.approx(float(penalty), rel=1e-4, abs=1e-7)
+    assert metrics["irm_penalty"] == pytest.approx(float(penalty.detach()), rel=1e-4, abs=1e-7)
     forget_part = naive_grads(model, ref.naive_forget_loss(model, forget, conf))
     naive = naive_grads(model, ref.naive_forget_loss(model, forget, conf) + conf.irm_weight * penalty)
     assert_rel_close(grads, naive, 1e-3)
@@ -163,7 +153,7 @@ def test_param_irm_fd_matches_double_backprop_fp64(fp64, reading, weight):
     params = params_of(model)
     forget_loss = ref.naive_forget_loss(model, forget, conf)
     penalty = ref.naive_param_irm_penalty(model, params, [env], reading)
-    assert metrics["irm_penalty"] == pytest.approx(float(penalty), rel=1e-9)
+    assert metrics["irm_penalty"] == pytest.approx(float(penalty.detach()), rel=1e-9)
     naive = grads_kept(model, forget_loss + weight * penalty)
     # FD Hessian-vector product with r = 1e-6 in float64: truncation O(r), rounding O(1e-16 / r)
     assert_rel_close(grads, naive, 1e-5)
@@ -240,7 +230,7 @@ def test_cr_fd_matches_double_backprop_fp64(fp64):
     forget_at = lambda ps: ref.naive_forget_loss(ref.model_at(model, ps), forget, conf)  # noqa: E731
     loss = forget_at(params)
     curvature = ref.naive_cr_regulariser(model, params, forget_at, h)
-    assert metrics["curvature"] == pytest.approx(float(curvature), rel=1e-8)
+    assert metrics["curvature"] == pytest.approx(float(curvature.detach()), rel=1e-6)
     naive = grads_kept(model, conf.forget_weight * (loss + gamma * curvature))
     # Two nested FD Hessian-vector products: truncation error O(r), measured ≈ 14·r relative here
     # (1.4e-3 at r = 1e-4, 1.4e-5 at r = 1e-6), so 1e-4 at r = 1e-6.
