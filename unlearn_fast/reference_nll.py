@@ -11,14 +11,33 @@ from . import ops
 from .lm import final_hidden, lm_parts, shift
 
 
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_CHUNK = 1 << 24
+
+
+def _checksum(t: torch.Tensor) -> tuple[int, int]:
+    """Exact integer checksums of a tensor's bits, computed on its device: any changed entry changes them.
+
+    (A sample of the values would miss a change elsewhere and serve a stale cache.) Sums of the
+    raw bits, plain and weighted by position (mod a prime), in int64 (wrap-around is deterministic).
+    """
+    flat = t.detach().contiguous().reshape(-1)
+    int_dtype = _INT_OF_SIZE.get(flat.element_size())
+    bits = flat.view(int_dtype) if int_dtype is not None else flat.view(torch.uint8)
+    plain = weighted = 0
+    for start in range(0, bits.numel(), _CHUNK):
+        part = bits[start:start + _CHUNK].to(torch.int64)
+        position = torch.arange(start, start + part.numel(), device=part.device) % 65521 + 1
+        plain += int(part.sum())
+        weighted += int((part * position).sum())
+    return plain, weighted
+
+
 def fingerprint(model: nn.Module, examples) -> str:
-    """sha256 over the model's tensor names, shapes, dtypes and a strided sample of values, and the data's tokens."""
+    """sha256 over the model's tensor names, shapes, dtypes and exact checksums of all values, and the data's tokens."""
     digest = hashlib.sha256()
     for name, t in model.state_dict().items():
-        flat = t.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 256)][:256].float().cpu().numpy().tobytes()
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        digest.update(sample)
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}:{_checksum(t)}".encode())
     for ex in examples:
         for key in ("input_ids", "labels"):
             digest.update(torch.as_tensor(ex[key]).to(torch.int64).numpy().tobytes())

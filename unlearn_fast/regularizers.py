@@ -18,6 +18,15 @@ import torch
 from . import ops
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32 for reductions (bf16/fp16 upcast; fp64 stays fp64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _global_norm(tensors) -> float:
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(_wide(x)) for x in tensors])))
+
+
 def grads_of(loss: torch.Tensor, params) -> list[torch.Tensor]:
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return [g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads)]
@@ -114,7 +123,7 @@ def cr_forget(params, loss_fn, weight: float, gamma: float, h: float, r: float) 
     with moved_along(params, g0, h):
         g1 = grads_of(loss_fn()[0], params)
         d = torch._foreach_sub(g1, g0)
-        curvature = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x.float()) for x in d])))
+        curvature = _global_norm(d)
         with moved_along(params, d, r):
             g2 = grads_of(loss_fn()[0], params)
     with moved_along(params, d, r):
@@ -139,17 +148,17 @@ def param_irm(params, env_loss_fns, weight: float, reading: str, r: float) -> di
         g = grads_of(loss_fn(), params)
         theta = [p.detach() for p in params]
         if reading == "param_scalar":
-            u = float(sum((t.float() * x.float()).sum() for t, x in zip(theta, g)))
+            u = float(sum((_wide(t) * _wide(x)).sum() for t, x in zip(theta, g)))
             total += u * u
             v = theta
             direct = [2.0 * u * x for x in g]
             hv_scale = 2.0 * u
         else:
             v = [t * t * x for t, x in zip(theta, g)]
-            total += float(sum(((t.float() * x.float()) ** 2).sum() for t, x in zip(theta, g)))
+            total += float(sum(((_wide(t) * _wide(x)) ** 2).sum() for t, x in zip(theta, g)))
             direct = [2.0 * t * x * x for t, x in zip(theta, g)]
             hv_scale = 2.0
-        v_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x.float()) for x in v])))
+        v_norm = _global_norm(v)
         accumulate(params, direct, weight)
         if v_norm == 0.0:
             continue
