@@ -167,6 +167,31 @@ def run_variants(script: str, variants: list[str], args: list[str], *, timeout: 
     return results
 
 
+def figure(results: dict, variant: str, key: str):
+    """A numeric figure of one variant (None when missing, failed or not a number)."""
+    v = results.get(variant, {}).get(key)
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def ratios_of(results: dict, pairs: dict) -> dict:
+    """{name: results[a][key] / results[b][key]} for each name -> (a, b, key) whose figures exist."""
+    out = {}
+    for name, (a, b, key) in pairs.items():
+        x, y = figure(results, a, key), figure(results, b, key)
+        if x is not None and y:
+            out[name] = x / y
+    return out
+
+
+def print_summary(path, ratios: dict, targets: dict) -> None:
+    print(f"wrote {path} and bench/RESULTS.md")
+    width = max((len(k) for k in ratios), default=0) + 2
+    for k, v in ratios.items():
+        print(f"  {k:{width}s} {v:.3f}")
+    for k, v in targets.items():
+        print(f"  target {k}: {'met' if v else 'NOT met'}")
+
+
 def worker_report(**figures) -> None:
     print(json.dumps(figures), flush=True)
 

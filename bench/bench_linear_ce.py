@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from _common import PeakMemory, environment, median_time, run_variants, worker_report, write_results  # noqa: E402
+from _common import (PeakMemory, environment, median_time, print_summary, ratios_of, run_variants,  # noqa: E402
+                     worker_report, write_results)  # noqa: E402
 
 CPU_SHAPES = dict(N=4096, H=512, V=32000, E=4, dtype="float32")
 GPU_SHAPES = dict(N=16384, H=4096, V=128256, E=4, dtype="bfloat16")
@@ -126,21 +127,10 @@ def main():
         "targets": targets,
     }
     out = write_results("linear_ce" + ("-quick" if args.quick else ""), payload, args.json)
-    print(f"wrote {out} and bench/RESULTS.md")
-    for k, v in ratios.items():
-        print(f"  {k:32s} {v:.3f}")
-    for k, v in targets.items():
-        print(f"  target {k}: {'met' if v else 'NOT met'}")
+    print_summary(out, ratios, targets)
 
 
 def summarise(results, cuda):
-    def fig(variant, key):
-        return results.get(variant, {}).get(key)
-
-    def ratio(a, b, key):
-        x, y = fig(a, key), fig(b, key)
-        return x / y if x is not None and y else None
-
     pairs = {
         "ours_ce_over_torch_time": ("ours_ce", "torch_chunked", "median_s"),
         "ours_ce_over_torch_memory": ("ours_ce", "torch_chunked", "peak_extra_mb"),
@@ -155,7 +145,7 @@ def summarise(results, cuda):
             "ours_irm_over_liger_time": ("ours_ce_irm", "liger_flce", "median_s"),
             "ours_irm_over_cce_memory": ("ours_ce_irm", "cce", "peak_extra_mb"),
         })
-    ratios = {k: r for k, (a, b, key) in pairs.items() if (r := ratio(a, b, key)) is not None}
+    ratios = ratios_of(results, pairs)
     limits = (
         {"ours_irm_over_liger_time": 1.0, "ours_irm_over_cce_memory": 1.1, "ours_irm_over_ours_ce_time": 1.1}
         if cuda else

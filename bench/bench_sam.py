@@ -29,7 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
-from _common import PeakMemory, environment, run_variants, sync, worker_report, write_results  # noqa: E402
+from _common import (PeakMemory, environment, figure, print_summary, ratios_of, run_variants, sync,  # noqa: E402
+                     worker_report, write_results)
 
 CPU_SHAPES = dict(layers=32, hidden=384, intermediate=1024, vocab=16000, dtype="float32")
 GPU_SHAPES = dict(layers=32, hidden=4096, intermediate=11008, vocab=32000, dtype="bfloat16")
@@ -222,20 +223,12 @@ def main():
     }
     name = "sam" + ("-quick" if args.quick else "") + (f"-{args.dtype}" if args.dtype else "")
     out = write_results(name, payload, args.json)
-    print(f"wrote {out} and bench/RESULTS.md")
-    for k, v in ratios.items():
-        print(f"  {k:40s} {v:.3f}")
-    for k, v in targets.items():
-        print(f"  target {k}: {'met' if v else 'NOT met'}")
+    print_summary(out, ratios, targets)
 
 
 def summarise(results, cuda):
     def fig(variant, key):
-        return results.get(variant, {}).get(key)
-
-    def ratio(a, b, key):
-        x, y = fig(a, key), fig(b, key)
-        return x / y if x is not None and y else None
+        return figure(results, variant, key)
 
     ours = "triton_flat" if cuda and "error" not in results.get("triton_flat", {"error": 1}) else "cpp"
     pairs = {
@@ -243,17 +236,10 @@ def summarise(results, cuda):
         "naive_over_ours_sam_time": ("naive_loop", ours, "sam_s"),
         "foreach_over_ours_step_with_adamw_time": ("foreach", "cpp", "sam_step_with_adamw_s"),
         "ours_over_foreach_peak_memory": (ours, "foreach", "peak_extra_mb"),
-        "ours_peak_over_param_size": (ours, ours, None),
     }
-    ratios = {}
-    for k, (a, b, key) in pairs.items():
-        if key is None:
-            x, y = fig(a, "peak_extra_mb"), fig(a, "param_mb")
-            r = x / y if x is not None and y else None
-        else:
-            r = ratio(a, b, key)
-        if r is not None:
-            ratios[k] = r
+    ratios = ratios_of(results, pairs)
+    if fig(ours, "peak_extra_mb") is not None and fig(ours, "param_mb"):
+        ratios["ours_peak_over_param_size"] = fig(ours, "peak_extra_mb") / fig(ours, "param_mb")
     if fig(ours, "fraction_of_copy_bw") is not None:
         ratios["ours_fraction_of_copy_bw"] = fig(ours, "fraction_of_copy_bw")
     targets = {}

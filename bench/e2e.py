@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
-from _common import (RESULTS_DIR, PeakMemory, environment, run_variants, sync, worker_report,  # noqa: E402
+from _common import (RESULTS_DIR, PeakMemory, environment, ratios_of, run_variants, sync, worker_report,  # noqa: E402
                      write_results)
 
 METHODS = ["npo", "npo_ilu", "npo_sam", "npo_sam_ilu", "rmu"]
@@ -202,14 +202,6 @@ def worker(variant: str, shape: dict, steps: int, warmup: int, device: torch.dev
 # -- driver ---------------------------------------------------------------------------------------
 
 def summarise(results: dict) -> tuple[dict, dict]:
-    def fig(variant, key):
-        v = results.get(variant, {}).get(key)
-        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-    def ratio(a, b, key):
-        x, y = fig(a, key), fig(b, key)
-        return x / y if x is not None and y else None
-
     pairs = {
         "ilu_over_npo": ("ours_npo_ilu", "ours_npo", "median_step_s"),
         "sam_over_npo": ("ours_npo_sam", "ours_npo", "median_step_s"),
@@ -222,11 +214,11 @@ def summarise(results: dict) -> tuple[dict, dict]:
         "ref_over_ours_time_rmu": ("ref_rmu", "ours_rmu", "median_step_s"),
         "ref_over_ours_memory_rmu": ("ref_rmu", "ours_rmu", "peak_extra_mb"),
     }
-    ratios = {k: r for k, (a, b, key) in pairs.items() if (r := ratio(a, b, key)) is not None}
+    ratios = ratios_of(results, pairs)
     # The same time ratios from process CPU time: on a shared CPU machine (one intra-op thread) this is
     # what a step costs, whatever else the machine runs; wall-clock ratios there carry the load's noise.
-    cpu_ratios = {f"{k}_cpu": r for k, (a, b, key) in pairs.items()
-                  if key == "median_step_s" and (r := ratio(a, b, "median_cpu_s")) is not None}
+    cpu_ratios = {f"{k}_cpu": r for k, r in ratios_of(
+        results, {k: (a, b, "median_cpu_s") for k, (a, b, key) in pairs.items() if key == "median_step_s"}).items()}
     limits = {"ilu_over_npo <= 1.5": ("ilu_over_npo", lambda r: r <= 1.5),
               "sam_over_npo <= 2.1": ("sam_over_npo", lambda r: r <= 2.1),
               "ref_over_ours_time >= 1.6": ("ref_over_ours_time", lambda r: r >= 1.6),
