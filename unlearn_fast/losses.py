@@ -24,33 +24,40 @@ def forget_loss(parts: LMParts, batch: dict, config: UnlearnConfig) -> tuple[tor
     if config.method in ("ga", "graddiff"):
         ce = ops.linear_cross_entropy(hidden, parts.head_weight, labels, **kw)
         return -ce, {"forget_ce": _item(ce)}
-    nll, count = ops.sequence_nll(hidden, parts.head_weight, labels, **kw)
-    has_tokens = count > 0
     beta = config.beta
+    count = (labels != config.ignore_index).sum(-1)
+    has_tokens = count > 0
+    per_sequence_mean = has_tokens.float() / has_tokens.sum().clamp(min=1)  # masked mean over sequences
     if config.method == "simnpo":
-        margin = nll / count.clamp(min=1) - config.simnpo_delta
-        loss = -(2.0 / beta) * _masked_mean(F.logsigmoid(beta * margin), has_tokens)
+        def phi(nll, ids):
+            margin = nll / count[ids].clamp(min=1) - config.simnpo_delta
+            return -(2.0 / beta) * F.logsigmoid(beta * margin) * per_sequence_mean[ids].to(nll.dtype)
+
+        loss, nll, count = ops.sequence_loss(hidden, parts.head_weight, labels, phi, **kw)
         return loss, {"forget_nll": _item(nll.sum() / count.sum().clamp(min=1))}
     ref = batch.get("ref_nll")
     if ref is None:
         raise ValueError("forget_batch needs 'ref_nll' (per-sequence reference NLL) for method='npo': "
                          "compute it once with uf.reference_nll(model, forget_examples)")
-    ref = torch.as_tensor(ref, dtype=nll.dtype, device=nll.device)
-    if ref.shape != nll.shape:
-        raise ValueError(f"forget_batch['ref_nll'] must have shape {tuple(nll.shape)} (one per sequence), got {tuple(ref.shape)}")
+    ref = torch.as_tensor(ref, device=hidden.device)
+    if ref.shape != count.shape:
+        raise ValueError(f"forget_batch['ref_nll'] must have shape {tuple(count.shape)} (one per sequence), got {tuple(ref.shape)}")
     if config.npo_form == "batch_mean" or config.compat == "reference":
+        nll, count = ops.sequence_nll(hidden, parts.head_weight, labels, **kw)
+        ref = ref.to(nll.dtype)
         tokens = count.sum().clamp(min=1)
         delta = (nll.sum() - ref.sum()) / tokens
         loss = -(2.0 / beta) * F.logsigmoid(beta * delta)
     else:
-        delta = nll - ref
-        loss = -(2.0 / beta) * _masked_mean(F.logsigmoid(beta * delta), has_tokens)
+        # Separable over sequences: the fused op forms the gradient in its forward pass.
+        def phi(nll, ids):
+            delta = nll - ref[ids].to(nll.dtype)
+            return -(2.0 / beta) * F.logsigmoid(beta * delta) * per_sequence_mean[ids].to(nll.dtype)
+
+        loss, nll, count = ops.sequence_loss(hidden, parts.head_weight, labels, phi, **kw)
+        ref = ref.to(nll.dtype)
     return loss, {"forget_nll": _item(nll.sum() / count.sum().clamp(min=1)),
                   "npo_delta": _item((nll - ref).sum() / count.sum().clamp(min=1))}
-
-
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
 def retain_loss(parts: LMParts, batch: dict, config: UnlearnConfig, reference=None) -> tuple[torch.Tensor, dict]:

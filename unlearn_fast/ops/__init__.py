@@ -1,9 +1,11 @@
 """Public functional ops of unlearn_fast: autograd functions with a Triton and a chunked PyTorch path."""
 from .linear_ce import (
     IRMOutput,
+    SequenceLoss,
     SequenceNLL,
     linear_cross_entropy,
     linear_cross_entropy_irm,
+    sequence_loss,
     sequence_nll,
 )
 from .multi_tensor import (
@@ -22,6 +24,8 @@ __all__ = [
     "linear_cross_entropy",
     "linear_cross_entropy_irm",
     "sequence_nll",
+    "SequenceLoss",
+    "sequence_loss",
     "SAMState",
     "global_grad_norm",
     "sam_perturb_",

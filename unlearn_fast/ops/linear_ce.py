@@ -36,6 +36,12 @@ class IRMOutput(NamedTuple):
     penalty: torch.Tensor  # scalar: Σ s_e² (or Σ s_e^A s_e^B when unbiased)
 
 
+class SequenceLoss(NamedTuple):
+    loss: torch.Tensor  # scalar Σ_s φ(nll_s), differentiable
+    nll: torch.Tensor  # [S] summed token NLL per sequence (detached)
+    num_tokens: torch.Tensor  # [S] int64
+
+
 class SequenceNLL(NamedTuple):
     nll: torch.Tensor  # [S] summed token NLL per sequence (fp32, differentiable)
     num_tokens: torch.Tensor  # [S] int64 count of non-ignored tokens per sequence
@@ -294,3 +300,67 @@ def sequence_nll(
     nll = torch.zeros(num_seqs, dtype=ce.dtype, device=h.device).index_add(0, seq_id, ce)
     count = torch.zeros(num_seqs, dtype=torch.long, device=h.device).index_add_(0, seq_id, valid.long())
     return SequenceNLL(nll, count)
+
+
+class _SequenceLoss(torch.autograd.Function):
+    """Torch path of Σ_s φ(nll_s) with the gradient formed during the forward pass (see sequence_loss)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, target, ignore_index, steps, per_sequence_loss, chunk):
+        valid = target != ignore_index
+        total, nll, count, grads = torch_path.sequence_loss_pass(h, weight, bias, target, valid, steps,
+                                                                 per_sequence_loss, chunk=chunk)
+        # Handed over (and scaled in place) by the first backward, like _SummedCE.
+        ctx.grads = grads
+        ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.mark_non_differentiable(nll, count)
+        return total, nll, count
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g, _g_nll, _g_count):
+        if ctx.grads is None:
+            raise RuntimeError("sequence_loss (backend='torch') computes its gradient in the forward pass and "
+                               "hands it over in the first backward; it cannot backward twice")
+        grads, ctx.grads = ctx.grads, None
+        out = [grad.mul_(g).to(dtype) if grad is not None else None for grad, dtype in zip(grads, ctx.dtypes)]
+        return out[0], out[1], out[2], None, None, None, None, None
+
+
+def sequence_loss(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    per_sequence_loss,
+    *,
+    linear_bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    backend: str | None = None,
+    chunk_size: int | None = None,
+) -> SequenceLoss:
+    """Σ_s φ(nll_s) over the rows s of a [B, T, H] input, where nll_s is the row's summed token NLL.
+
+    ``per_sequence_loss(nll, ids)`` gets a vector of sequences' NLL and their row indices and
+    returns their losses, each depending on its own sequence only (NPO's sequence form,
+    SimNPO, GA summed per sequence; not NPO's batch-mean form). On the torch path whole rows
+    are processed per chunk, so each row's φ'(nll_s) is known while its logits are in memory
+    and the gradient is formed in the same pass: one matmul fewer than ``sequence_nll``
+    followed by φ. It cannot backward twice. Rows longer than the workspace, and the Triton
+    path, compute ``sequence_nll`` and apply φ (same numbers). Returns
+    ``SequenceLoss(loss, nll[S] detached, num_tokens[S])``.
+    """
+    if input.dim() != 3:
+        raise ValueError(f"sequence_loss needs a [B, T, H] input (one sequence per row), got shape {tuple(input.shape)}")
+    h, y, _, backend = _prepare(input, linear_weight, target, linear_bias, ignore_index, backend)
+    steps = target.shape[1]
+    fits = steps * linear_weight.shape[0] <= torch_path._WORKSPACE_ELEMS and (chunk_size is None or chunk_size >= steps)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
+    if backend == "torch" and fits and needs_grad and h.shape[0] > 0:
+        loss, nll, count = _SequenceLoss.apply(h, linear_weight, linear_bias, y, ignore_index, steps,
+                                               per_sequence_loss, chunk_size)
+        return SequenceLoss(loss, nll, count)
+    nll, count = sequence_nll(input, linear_weight, target, linear_bias=linear_bias, ignore_index=ignore_index,
+                              backend=backend, chunk_size=chunk_size)
+    ids = torch.arange(nll.shape[0], device=nll.device)
+    return SequenceLoss(per_sequence_loss(nll, ids).sum(), nll.detach(), count)
