@@ -36,6 +36,13 @@ def default_chunk(num_tokens: int, vocab: int, blocks: int = 2) -> int:
     return max(1, min(num_tokens, _WORKSPACE_ELEMS // (blocks * max(vocab, 1))))
 
 
+def logits_into(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """out ← h Wᵀ (+ b), written into a preallocated workspace block."""
+    if bias is not None:
+        return torch.addmm(bias, h, weight.T, out=out)
+    return torch.mm(h, weight.T, out=out)
+
+
 @dataclass
 class Coeffs:
     """Per-token gradient coefficients of d z = a p + b p⊙z − c onehot (fp32 [N]); b may be None (zero)."""
@@ -87,10 +94,7 @@ def chunked_pass(
         rows = slice(start, min(start + chunk, n))
         hc = h[rows].to(compute)
         z = z_buf[: hc.shape[0]]
-        if bvec is not None:
-            torch.addmm(bvec, hc, w.T, out=z)
-        else:
-            torch.mm(hc, w.T, out=z)
+        logits_into(z, hc, w, bvec)
         y = safe_target[rows].unsqueeze(1)
         zy = z.gather(1, y).squeeze(1)
         if lse is None:
@@ -172,10 +176,7 @@ def backward_by_vocab(
         stop = min(start + block, vocab)
         w_block = w[start:stop]
         z = z_flat[: n * (stop - start)].view(n, stop - start)
-        if bias is not None:
-            torch.addmm(bias[start:stop].to(compute), hc, w_block.T, out=z)
-        else:
-            torch.mm(hc, w_block.T, out=z)
+        logits_into(z, hc, w_block, bias[start:stop].to(compute) if bias is not None else None)
         if two_blocks:
             p = torch.sub(z, shift, out=e_flat[: z.numel()].view_as(z)).exp_()
             dz = torch.addcmul(a, z, b, out=z).mul_(p)  # p (a + b z), in z's storage
@@ -221,10 +222,7 @@ def sequence_loss_pass(h, weight, bias, target, valid, steps: int, per_sequence_
         r = slice(s0 * steps, s1 * steps)
         hc = h[r].to(compute)
         z = z_buf[: hc.shape[0]]
-        if bvec is not None:
-            torch.addmm(bvec, hc, w.T, out=z)
-        else:
-            torch.mm(hc, w.T, out=z)
+        logits_into(z, hc, w, bvec)
         y = safe_target[r].unsqueeze(1)
         keep = valid[r]
         zy = z.gather(1, y).squeeze(1)
