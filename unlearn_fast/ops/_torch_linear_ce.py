@@ -69,7 +69,8 @@ def chunked_pass(
     Returns (lse, zy, ez) fp32 [N] (zeros on ignored tokens; ez stays zero unless
     ``want_ez``) and, when ``coeffs``
     is given, the gradients (d_input [N, H] fp32, d_weight [V, H] fp32, d_bias [V] fp32 or None).
-    ``lse`` given (from the forward) is used for p instead of recomputing it.
+    ``lse`` given (from the forward) is used for p instead of recomputing it; it must be +inf on
+    ignored tokens so that their p is 0 whatever their logits.
     """
     n, hidden = h.shape
     vocab = weight.shape[0]
@@ -100,8 +101,7 @@ def chunked_pass(
         if lse is None:
             shift = z.amax(dim=1, keepdim=True)
         else:
-            # Ignored tokens: p = exp(z − inf) = 0, never inf·0 from a large logit.
-            shift = torch.where(valid[rows], lse[rows].to(compute), torch.inf).unsqueeze(1)
+            shift = lse[rows].to(compute).unsqueeze(1)
         e = torch.sub(z, shift, out=e_buf[: hc.shape[0]]) if two_blocks else z.sub_(shift)
         e.exp_()
         if lse is None:
@@ -150,7 +150,7 @@ def backward_by_vocab(
 ):
     """Gradients (d_input, d_weight, d_bias) in the compute dtype, walking blocks of vocabulary rows.
 
-    Same maths as ``chunked_pass(..., lse=lse, coeffs=coeffs)``; the workspace is
+    Same maths as ``chunked_pass(..., lse=lse, coeffs=coeffs)`` (lse +inf on ignored tokens); the workspace is
     [N, block] (one block, two when the p⊙z term is needed).
     """
     n, hidden = h.shape
@@ -164,8 +164,7 @@ def backward_by_vocab(
     d_h = torch.zeros(n, hidden, dtype=compute, device=h.device)
     d_w = torch.empty(vocab, hidden, dtype=compute, device=h.device)
     d_b = torch.empty(vocab, dtype=compute, device=h.device) if bias is not None else None
-    # Ignored tokens get p = exp(z − inf) = 0, so their rows of d z vanish whatever their logits.
-    shift = torch.where(valid, lse.to(compute), torch.inf).unsqueeze(1)
+    shift = lse.to(compute).unsqueeze(1)
     a = coeffs.a.to(compute).unsqueeze(1)
     b = coeffs.b.to(compute).unsqueeze(1) if two_blocks else None
     rows = valid.nonzero().squeeze(1)

@@ -91,10 +91,11 @@ class _TokenStats(torch.autograd.Function):
         else:
             g_m = torch.where(valid, g_m.to(lse.dtype), 0)
             a, b, c = g_ce + g_m * (1 - ez), g_m, g_ce + g_m
+        # Both backends form p = exp(z − lse): +inf on ignored tokens makes their p 0 whatever
+        # their logits (a large logit with lse = 0 would give inf·0 = NaN).
+        lse = torch.where(valid, lse, torch.inf)
         if ctx.backend == "triton":
-            # p = exp(z − inf) = 0 on ignored tokens, never inf·0 from a large logit.
-            lse_p = torch.where(valid, lse, torch.inf)
-            d_h, d_w, d_b = _kernels().linear_ce_backward(h, weight, bias, target, lse_p, a, b, c)
+            d_h, d_w, d_b = _kernels().linear_ce_backward(h, weight, bias, target, lse, a, b, c)
         else:
             coeffs = torch_path.Coeffs(a, b, c)
             if h.shape[0] < weight.shape[0]:
