@@ -158,6 +158,15 @@ def restore_from_masters(state: ops.SAMState, masters) -> None:
     state.restored = True
 
 
+def _grads_while_moved(params, loss_fn, state: ops.SAMState) -> list[torch.Tensor]:
+    """∇ℓ at the moved weights; the caller restores them (with its accumulate step), or this does on error."""
+    try:
+        return _grads(loss_fn(), params)
+    except BaseException:
+        ops.sam_restore_(state)
+        raise
+
+
 def fd_hvp(params, loss_fn: Callable[[], torch.Tensor], vector, r: float = 1e-3, *, grads=None,
            backend: str | None = None) -> list[torch.Tensor]:
     """Hessian-vector product by finite differences (SPEC §1.2):
@@ -178,11 +187,7 @@ def fd_hvp(params, loss_fn: Callable[[], torch.Tensor], vector, r: float = 1e-3,
     g0 = _grads(loss_fn(), params) if grads is None else list(grads)
     acc = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
     state = ops.sam_perturb_(params, vector, r, backend=backend)
-    try:
-        g1 = _grads(loss_fn(), params)
-    except BaseException:
-        ops.sam_restore_(state)
-        raise
+    g1 = _grads_while_moved(params, loss_fn, state)
     coeff = state.norm / r  # ‖v‖ / r on the device
     ops.fd_hvp_accumulate_(acc, g1, g0, coeff, restore=state, backend=backend)
     return acc
@@ -201,10 +206,6 @@ def gradient_penalty_grad(params, loss_fn: Callable[[], torch.Tensor], gamma: fl
     g0 = _grads(loss, params)
     acc = [g.detach().to(torch.promote_types(g.dtype, torch.float32), copy=True) for g in g0]
     state = ops.sam_perturb_(params, g0, r, backend=backend)
-    try:
-        g1 = _grads(loss_fn(), params)
-    except BaseException:
-        ops.sam_restore_(state)
-        raise
+    g1 = _grads_while_moved(params, loss_fn, state)
     ops.fd_hvp_accumulate_(acc, g1, g0, gamma / r, restore=state, backend=backend)
     return acc, loss.detach()
