@@ -112,9 +112,9 @@ def irm_logit_penalty(parts: LMParts, env_batches, config: UnlearnConfig) -> tup
     hidden = torch.cat([F.pad(h, (0, 0, 0, steps - h.shape[1])) for h in hidden])
     labels = torch.cat([F.pad(y, (0, steps - y.shape[1]), value=config.ignore_index) for y in labels])
     env = torch.cat([F.pad(e, (0, steps - e.shape[1])) for e in env])
-    out = ops.linear_cross_entropy_irm(hidden, parts.head_weight, labels, env, num_envs=len(env_batches),
-                                       linear_bias=parts.head_bias, ignore_index=config.ignore_index,
-                                       unbiased=config.irm == "logit_unbiased")
+    out = ops.irm_penalty(hidden, parts.head_weight, labels, env, num_envs=len(env_batches),
+                          linear_bias=parts.head_bias, ignore_index=config.ignore_index,
+                          unbiased=config.irm == "logit_unbiased")
     return out.penalty, {"irm_penalty": _item(out.penalty), "env_loss": _item(out.env_loss.mean())}
 
 

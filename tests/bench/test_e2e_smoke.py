@@ -6,6 +6,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
@@ -30,12 +32,17 @@ def test_e2e_smoke_schema_and_ratios(tmp_path):
         fig = run["variants"][variant]
         assert "error" not in fig, fig
         assert fig["fits"] is True
-        for key in ("median_step_s", "median_cpu_s", "tokens_per_s", "peak_extra_mb", "peak_total_mb", "model_mb", "first_loss"):
+        for key in ("median_step_s", "median_cpu_s", "tokens_per_s", "peak_extra_mb", "peak_total_mb",
+                    "peak_method_mb", "training_state_mb", "model_mb", "first_loss"):
             assert isinstance(fig[key], (int, float)) and math.isfinite(fig[key]), (variant, key, fig[key])
         assert fig["median_step_s"] > 0 and fig["tokens_per_s"] > 0 and fig["peak_total_mb"] > fig["model_mb"]
+        # gradients + AdamW's two moments of every (trainable) weight
+        assert fig["training_state_mb"] == pytest.approx(3 * fig["model_mb"], rel=1e-3)  # + AdamW step counters
+        assert fig["peak_method_mb"] == pytest.approx(fig["peak_extra_mb"] - fig["training_state_mb"])
     ratios = run["ratios"]
     # only the ratios whose two variants ran
-    assert set(ratios) == {"ref_over_ours_time", "ref_over_ours_memory", "ref_over_ours_time_cpu"}
+    assert set(ratios) == {"ref_over_ours_time", "ref_over_ours_memory", "ref_over_ours_method_memory",
+                           "ref_over_ours_time_cpu"}
     for key, value in ratios.items():
         assert math.isfinite(value) and value > 0, (key, value)
     # same init and batches: both implementations compute the same objective
@@ -47,15 +54,17 @@ def test_e2e_smoke_schema_and_ratios(tmp_path):
 
 def test_e2e_summarise_targets():
     e2e = _e2e()
-    fig = lambda t, m: {"median_step_s": t, "peak_extra_mb": m}  # noqa: E731
+    fig = lambda t, m: {"median_step_s": t, "peak_extra_mb": m, "peak_method_mb": m - 90.0}  # noqa: E731
     results = {"ours_npo": fig(1.0, 100.0), "ref_npo": fig(2.0, 250.0), "ours_npo_ilu": fig(1.6, 100.0),
                "ours_npo_sam": fig(2.0, 120.0), "ours_npo_sam_ilu": fig(2.5, 120.0), "ref_npo_sam_ilu": fig(9.0, 400.0)}
     ratios, targets = e2e.summarise(results)
     assert ratios["ilu_over_npo"] == 1.6 and ratios["sam_over_npo"] == 2.0 and ratios["sam_ilu_over_npo"] == 2.5
     assert ratios["ref_over_ours_time"] == 2.0 and ratios["ref_over_ours_memory"] == 2.5
+    assert ratios["ref_over_ours_method_memory"] == 16.0
     assert ratios["ref_over_ours_time_sam_ilu"] == 3.6
     assert targets == {"ilu_over_npo <= 1.5": False, "sam_over_npo <= 2.1": True,
-                       "ref_over_ours_time >= 1.6": True, "ref_over_ours_memory >= 2": True}
+                       "ref_over_ours_time >= 1.6": True, "ref_over_ours_memory >= 2": True,
+                       "ref_over_ours_method_memory >= 2": True}
 
 
 def test_e2e_rejects_unknown_variant():

@@ -153,6 +153,54 @@ def test_irm_matches_double_backprop_reference(backend, dtype, unbiased, batched
         assert_within_rule(o, n, t, SLACK[dtype], f"grad {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("unbiased", [False, True])
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_irm_penalty_gradient_in_forward_matches_double_backprop(dtype, unbiased, batched, chunk):
+    """irm_penalty forms ∂P/∂(h, W, b) during its forward pass, group by group (torch path)."""
+    shape = (5, 10) if batched else (N,)
+    h, w, b, y = make_inputs(dtype, shape=shape, seed=5)
+    g = torch.Generator().manual_seed(6)
+    num_envs = E + 1  # the last environment is empty
+    env = torch.randint(0, E, shape, generator=g)
+    if batched:
+        env = torch.randint(0, E, (shape[0], 1), generator=g).expand(shape).contiguous()
+    halves = halves_like_op(y, env, num_envs, batched) if unbiased else None
+    results = {}
+    for kind, dt in (("truth", torch.float64), ("naive", None), ("ours", None)):
+        tensors = [leaf(t, dt) for t in (h, w, b)]
+        if kind == "ours":
+            outs = uf.ops.irm_penalty(tensors[0], tensors[1], y, env, num_envs=num_envs, linear_bias=tensors[2],
+                                      unbiased=unbiased, backend="torch", chunk_size=chunk)
+            assert not outs.env_loss.requires_grad and not outs.env_scale_grad.requires_grad
+        else:
+            outs = naive_irm(*tensors[:2], y, env, num_envs, bias=tensors[2], unbiased=unbiased, halves=halves)
+        results[kind] = (outs, grads_of(3.0 * outs[2], tensors))
+    ours, naive, truth = results["ours"], results["naive"], results["truth"]
+    for name, o, n, t in zip(("env_loss", "env_scale_grad", "penalty"), ours[0], naive[0], truth[0]):
+        assert_within_rule(o, n, t, SLACK[dtype], name)
+    for name, o, n, t in zip("hwb", ours[1], naive[1], truth[1]):
+        assert o.dtype == dtype
+        assert_within_rule(o, n, t, SLACK[dtype], f"grad {name}")
+    # a real penalty gradient, not a vanishing one the tolerance would hide
+    assert truth[1][1].abs().max().item() > 1e-2
+
+
+def test_irm_penalty_refuses_second_backward_and_falls_back_without_grad():
+    h, w, b, y = make_inputs(torch.float32)
+    env = torch.zeros(N, dtype=torch.long)
+    out = uf.ops.irm_penalty(leaf(h), leaf(w), y, env, num_envs=1, linear_bias=b, backend="torch")
+    out.penalty.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="irm_penalty .* cannot backward twice"):
+        out.penalty.backward()
+    with torch.no_grad():
+        again = uf.ops.irm_penalty(h, w, y, env, num_envs=1, linear_bias=b, backend="torch")
+    full = uf.ops.linear_cross_entropy_irm(h, w, y, env, num_envs=1, linear_bias=b, backend="torch")
+    torch.testing.assert_close(again.penalty, full.penalty, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out.penalty.detach(), full.penalty, rtol=1e-5, atol=1e-7)
+
+
 def test_irm_empty_environment_gets_zero_gradient(backend):
     h, w, b, y = make_inputs(torch.float32)
     env = torch.zeros(N, dtype=torch.long)
@@ -337,3 +385,51 @@ def test_ignored_tokens_with_huge_logits_get_zero_gradient(n, v, backend):
     (out.env_loss.sum() + out.penalty).backward()
     assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
     assert (h.grad[::3] == 0).all()
+
+
+@pytest.mark.parametrize("op", ["ce_mean", "ce_none", "irm_penalty", "sequence_loss"])
+def test_torch_path_gets_only_labelled_rows(monkeypatch, op):
+    """Ignored tokens (prompts, padding) are dropped before the head's matmuls, with the same results."""
+    from unlearn_fast.ops import _torch_linear_ce as torch_path
+
+    h, w, b, y = make_inputs(torch.float32, shape=(4, 9), ignore_every=3)
+    y[:, :2] = -100  # a prompt
+    rows_seen = []
+    for name in ("chunked_pass", "sequence_loss_pass"):
+        real = getattr(torch_path, name)
+
+        def spy(hh, *args, _real=real, **kwargs):
+            rows_seen.append(hh.shape[0])
+            return _real(hh, *args, **kwargs)
+
+        monkeypatch.setattr(torch_path, name, spy)
+    env = torch.zeros_like(y)
+    run = {
+        "ce_mean": lambda hh: uf.ops.linear_cross_entropy(hh, w, y, linear_bias=b, backend="torch"),
+        "ce_none": lambda hh: (uf.ops.linear_cross_entropy(hh, w, y, linear_bias=b, reduction="none",
+                                                           backend="torch") * torch.arange(36.0).view(4, 9)).sum(),
+        "irm_penalty": lambda hh: uf.ops.irm_penalty(hh, w, y, env, num_envs=1, linear_bias=b, backend="torch").penalty,
+        "sequence_loss": lambda hh: uf.ops.sequence_loss(hh, w, y, lambda nll, ids: nll ** 2 / 50, linear_bias=b,
+                                                         backend="torch").loss,
+    }[op]
+    hh = leaf(h)
+    loss = run(hh)
+    loss.backward()
+    labelled = int((y != -100).sum())
+    assert rows_seen and all(n == labelled for n in rows_seen)
+    # against the materialised reference on all rows
+    ref_h = leaf(h, torch.float64)
+    logits = ref_h @ w.double().T + b.double()
+    ce = torch.nn.functional.cross_entropy(logits.view(-1, V), y.view(-1), reduction="none").view(4, 9)
+    if op == "ce_mean":
+        ref = ce.sum() / labelled
+    elif op == "ce_none":
+        ref = (ce * torch.arange(36.0, dtype=torch.float64).view(4, 9)).sum()
+    elif op == "irm_penalty":
+        ref = naive_irm(ref_h, w.double(), y, env, 1, bias=b.double())[2]
+    else:
+        ref = (ce.sum(1) ** 2 / 50).sum()
+    ref.backward()
+    torch.testing.assert_close(loss.detach().double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hh.grad.double(), ref_h.grad, rtol=1e-4, atol=1e-6)
+    assert torch.count_nonzero(hh.grad[y == -100]) == 0

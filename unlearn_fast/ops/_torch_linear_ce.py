@@ -23,6 +23,7 @@ d weight once per chunk, so the vocabulary walk moves less memory whenever N < V
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -60,7 +61,7 @@ def chunked_pass(
     valid: torch.Tensor,
     *,
     lse: torch.Tensor | None = None,
-    coeffs: Coeffs | None = None,
+    coeffs: Coeffs | Callable[..., Coeffs] | None = None,
     chunk: int | None = None,
     want_ez: bool = True,
 ):
@@ -71,10 +72,13 @@ def chunked_pass(
     is given, the gradients (d_input [N, H] fp32, d_weight [V, H] fp32, d_bias [V] fp32 or None).
     ``lse`` given (from the forward) is used for p instead of recomputing it; it must be +inf on
     ignored tokens so that their p is 0 whatever their logits.
+    ``coeffs`` may also be a function ``(lse, zy, ez) -> Coeffs`` of a chunk's statistics
+    (chunk-sized vectors): a loss whose per-token upstream gradient is known once the token's own
+    statistics are gets its gradient in this same pass (one matmul fewer than recompute).
     """
     n, hidden = h.shape
     vocab = weight.shape[0]
-    two_blocks = want_ez or (coeffs is not None and coeffs.b is not None)
+    two_blocks = want_ez or callable(coeffs) or (coeffs is not None and coeffs.b is not None)
     chunk = chunk or default_chunk(n, vocab, 2 if two_blocks else 1)
     compute = torch.float64 if h.dtype == torch.float64 else torch.float32
     w = weight.to(compute)
@@ -119,14 +123,19 @@ def chunked_pass(
             out_ez[rows] = torch.where(keep, ez, 0)
         if coeffs is None:
             continue
-        a = (coeffs.a[rows].to(compute) * inv_total).unsqueeze(1)
-        if coeffs.b is not None:
+        if callable(coeffs):
+            cf = coeffs(chunk_lse, zy, out_ez[rows] if want_ez else None)
+            cf = Coeffs(*(torch.where(keep, v, 0) if v is not None else None for v in (cf.a, cf.b, cf.c)))
+        else:
+            cf = Coeffs(coeffs.a[rows], coeffs.b[rows] if coeffs.b is not None else None, coeffs.c[rows])
+        a = (cf.a.to(compute) * inv_total).unsqueeze(1)
+        if cf.b is not None:
             # dz = p (a + b z) = e (a + b z) / total, built in z's storage
-            b_scaled = (coeffs.b[rows].to(compute) * inv_total).unsqueeze(1)
+            b_scaled = (cf.b.to(compute) * inv_total).unsqueeze(1)
             dz = torch.addcmul(a, z, b_scaled, out=z).mul_(e)
         else:
             dz = e.mul_(a)
-        dz.scatter_add_(1, y, -coeffs.c[rows].to(compute).unsqueeze(1))
+        dz.scatter_add_(1, y, -cf.c.to(compute).unsqueeze(1))
         torch.mm(dz, w, out=d_h[rows])
         d_w.addmm_(dz.T, hc)
         if d_b is not None:
@@ -190,46 +199,49 @@ def backward_by_vocab(
     return d_h, d_w, d_b
 
 
-def sequence_loss_pass(h, weight, bias, target, valid, steps: int, per_sequence_loss, *, chunk: int | None = None):
-    """Σ_s φ(nll_s, count_s) and its gradients in one pass, for tokens laid out as [S, steps] rows.
+def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, chunk: int | None = None):
+    """Σ_s φ(nll_s, count_s) and its gradients in one pass, for labelled tokens grouped by sequence.
 
-    Each chunk holds whole sequences, so a sequence's NLL — and with it φ'(nll_s), the
-    per-token upstream gradient — is known before the chunk's logits leave memory: the
-    gradient is formed in the forward pass (3 matmuls instead of 4 with recompute).
+    Rows ``offsets[s]:offsets[s+1]`` (offsets = cumulative ``lengths``) are sequence s's tokens,
+    every one with a label. Each chunk holds whole sequences, so a sequence's NLL — and with it
+    φ'(nll_s), the per-token upstream gradient — is known before the chunk's logits leave memory:
+    the gradient is formed in the forward pass (3 matmuls instead of 4 with recompute).
     ``per_sequence_loss`` maps (nll [k], ids [k]) — the chunk's sequences' NLL and their indices
-    in [0, S) — to per-sequence losses [k], each depending only on its own sequence.
-    Returns (loss, nll [S], count [S], (d_input, d_weight, d_bias)) in the compute dtype.
+    in [0, S) — to per-sequence losses [k], each depending only on its own sequence. Every
+    sequence is passed to φ, empty ones too (with nll 0).
+    Returns (loss, nll [S], (d_input, d_weight, d_bias)) in the compute dtype.
     """
     n, hidden = h.shape
     vocab = weight.shape[0]
-    num_seqs = n // steps
+    sizes = [int(x) for x in lengths.tolist()]
     compute = torch.float64 if h.dtype == torch.float64 else torch.float32
-    rows = chunk or default_chunk(n, vocab, 1)
-    seqs_per_chunk = max(1, rows // steps)
+    budget = max(chunk or default_chunk(n, vocab, 1), max(sizes, default=1))
     w = weight.to(compute)
     bvec = bias.to(compute) if bias is not None else None
-    nll = torch.zeros(num_seqs, dtype=compute, device=h.device)
-    count = valid.view(num_seqs, steps).sum(1)
+    nll = torch.zeros(len(sizes), dtype=compute, device=h.device)
     total = torch.zeros((), dtype=compute, device=h.device)
     d_h = torch.empty(n, hidden, dtype=compute, device=h.device)
     d_w = torch.zeros(vocab, hidden, dtype=compute, device=h.device)
     d_b = torch.zeros(vocab, dtype=compute, device=h.device) if bias is not None else None
-    z_buf = torch.empty(min(seqs_per_chunk * steps, n), vocab, dtype=compute, device=h.device)
-    safe_target = torch.where(valid, target, 0)
-    for s0 in range(0, num_seqs, seqs_per_chunk):
-        s1 = min(s0 + seqs_per_chunk, num_seqs)
-        r = slice(s0 * steps, s1 * steps)
+    z_buf = torch.empty(min(budget, n), vocab, dtype=compute, device=h.device)
+    s0 = r0 = 0
+    while s0 < len(sizes):
+        s1, r1 = s0 + 1, r0 + sizes[s0]  # whole sequences, as many as the workspace holds
+        while s1 < len(sizes) and r1 + sizes[s1] <= budget:
+            r1 += sizes[s1]
+            s1 += 1
+        r = slice(r0, r1)
         hc = h[r].to(compute)
-        z = z_buf[: hc.shape[0]]
+        z = z_buf[: r1 - r0]
         logits_into(z, hc, w, bvec)
-        y = safe_target[r].unsqueeze(1)
-        keep = valid[r]
+        y = target[r].unsqueeze(1)
         zy = z.gather(1, y).squeeze(1)
         shift = z.amax(dim=1, keepdim=True)
         e = z.sub_(shift).exp_()  # z's storage now holds exp(z − max)
         sums = e.sum(dim=1)
-        ce = torch.where(keep, shift.squeeze(1) + sums.log() - zy, 0)
-        chunk_nll = ce.view(s1 - s0, steps).sum(1)
+        ce = shift.squeeze(1) + sums.log() - zy
+        local = torch.repeat_interleave(torch.arange(s1 - s0, device=h.device), lengths[s0:s1])
+        chunk_nll = torch.zeros(s1 - s0, dtype=compute, device=h.device).index_add_(0, local, ce)
         nll[s0:s1] = chunk_nll
         with torch.enable_grad():
             x = chunk_nll.detach().requires_grad_()
@@ -237,12 +249,78 @@ def sequence_loss_pass(h, weight, bias, target, valid, steps: int, per_sequence_
             phi = per_sequence_loss(x, ids).sum()
             (slope,) = torch.autograd.grad(phi, x)
         total += phi.detach()
-        # d z = φ'(nll_s) · (p − onehot) on the sequence's non-ignored tokens
-        coeff = torch.where(keep, slope.to(compute).repeat_interleave(steps), 0)
+        # d z = φ'(nll_s) · (p − onehot) on the sequence's tokens
+        coeff = slope.to(compute)[local]
         dz = e.mul_((coeff / sums).unsqueeze(1))
         dz.scatter_add_(1, y, -coeff.unsqueeze(1))
         torch.mm(dz, w, out=d_h[r])
         d_w.addmm_(dz.T, hc)
         if d_b is not None:
             d_b += dz.sum(0)
-    return total, nll, count, (d_h, d_w, d_b)
+        s0, r0 = s1, r1
+    return total, nll, (d_h, d_w, d_b)
+
+
+def irm_penalty_pass(h, weight, bias, target, env, half, num_envs: int, *, chunk: int | None = None):
+    """The IRMv1 penalty P = Σ_e s_e² (or Σ_e s_e^A s_e^B with ``half``) and its gradients, one pass per group.
+
+    All rows carry a label; ``env`` [N] is each row's environment and ``half`` [N] (0/1, or None for
+    the biased penalty) its half. A group (an environment, or a half of one) with n_k tokens has
+    s_k = Σ m_t / n_k, whose gradient in z does not depend on s_k:
+        ∂s_k/∂z_t = (p_t (1 + z_t − E_p[z_t]) − onehot(y_t)) / n_k
+    so each group's pass forms ∂s_k/∂(h, W, b) with its logits (3 matmuls, none recomputed) and
+    the chain rule P → s_k is applied once the environment's groups are done:
+    ∂P/∂s_e = 2 s_e, or ∂P/∂s_e^A = s_e^B and ∂P/∂s_e^B = s_e^A. Holds one [V, H] buffer per group
+    of the environment in flight besides the total.
+    Returns (penalty, env_ce_mean [E], env_scale_grad [E], (d_input, d_weight, d_bias)) in the compute dtype.
+    """
+    n, hidden = h.shape
+    compute = torch.float64 if h.dtype == torch.float64 else torch.float32
+    zero = torch.zeros((), dtype=compute, device=h.device)
+    penalty = zero.clone()
+    env_ce = torch.zeros(num_envs, dtype=compute, device=h.device)
+    env_s = torch.zeros_like(env_ce)
+    d_h = torch.zeros(n, hidden, dtype=compute, device=h.device)
+    d_w = d_b = None
+    for e in range(num_envs):
+        in_env = env == e
+        groups = [in_env] if half is None else [in_env & (half == 0), in_env & (half == 1)]
+        done = []  # (rows, s_k, gradients of s_k)
+        for member in groups:
+            rows = member.nonzero().squeeze(1)
+            count = rows.numel()
+            if count == 0:
+                done.append((rows, zero, None))
+                continue
+            scale = 1.0 / count
+
+            def unit(lse, zy, ez, scale=scale):  # ∂s_k/∂z = scale · (p (1 − ez + z) − onehot)
+                return Coeffs((1 - ez) * scale, torch.full_like(ez, scale), torch.full_like(ez, scale))
+
+            valid = torch.ones(count, dtype=torch.bool, device=h.device)
+            (lse, zy, ez), grads = chunked_pass(h[rows], weight, bias, target[rows], valid, coeffs=unit, chunk=chunk)
+            s_k = (ez - zy).sum() * scale
+            env_ce[e] += (lse - zy).sum()
+            env_s[e] += (ez - zy).sum()
+            done.append((rows, s_k, grads))
+        if half is None:
+            slopes = [2 * done[0][1]]
+            penalty += done[0][1] ** 2
+        else:
+            slopes = [done[1][1], done[0][1]]
+            penalty += done[0][1] * done[1][1]
+        for (rows, _, grads), slope in zip(done, slopes):
+            if grads is None:
+                continue
+            g_h, g_w, g_b = grads
+            d_h.index_copy_(0, rows, g_h.mul_(slope))
+            d_w = g_w.mul_(slope) if d_w is None else d_w.add_(g_w.mul_(slope))
+            if g_b is not None:
+                d_b = g_b.mul_(slope) if d_b is None else d_b.add_(g_b.mul_(slope))
+        counts = sum(int(m.sum()) for m in groups)
+        env_ce[e] /= max(counts, 1)
+        env_s[e] /= max(counts, 1)
+    if d_w is None:  # no labelled token at all
+        d_w = torch.zeros(weight.shape, dtype=compute, device=h.device)
+        d_b = torch.zeros(weight.shape[0], dtype=compute, device=h.device) if bias is not None else None
+    return penalty, env_ce, env_s, (d_h, d_w, d_b)

@@ -1,4 +1,4 @@
-"""Fused linear cross-entropy ops: plain CE, per-environment CE + IRMv1 penalty, per-sequence NLL.
+"""Fused linear cross-entropy ops: plain CE, per-environment CE + IRMv1 penalty, per-sequence NLL and losses.
 
 All three are built on one autograd function, ``_TokenStats``, that maps
 (hidden, LM-head weight, bias, target) to two fp32 per-token statistics
@@ -16,6 +16,12 @@ and the backward of ``_TokenStats`` turns the per-token upstream gradients
 (g_ce, g_m) into d logits = a p + b p⊙z − c onehot with
 a = g_ce + g_m (1 − E_p[z]),  b = g_m,  c = g_ce + g_m
 (∂E_p[z]/∂z_v = p_v (1 + z_v − E_p[z])), recomputing the logits tile by tile.
+
+Where the loss fixes the upstream gradients up to a factor known by the end of
+the forward pass, the torch path forms the gradient with the forward's logits
+instead (3 matmuls, not 4): plain CE with reduction mean/sum (``_SummedCE``),
+``sequence_loss`` and ``irm_penalty``. Every op first drops the tokens without
+a label (prompts, padding): they add nothing and would cost as much as the rest.
 """
 from __future__ import annotations
 
@@ -131,29 +137,33 @@ class _SummedCE(torch.autograd.Function):
         (lse, zy, _), grads = torch_path.chunked_pass(
             h, weight, bias, target, valid, coeffs=torch_path.Coeffs(ones, None, ones), chunk=chunk, want_ez=False
         )
-        # Kept on ctx, not saved tensors, and handed over by the first backward, which scales
-        # them in place: the leaves' .grad can then take them without a copy. So, like torch's
-        # chunked linear CE, this op cannot backward twice through a retained graph.
-        ctx.grads = grads
-        ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        _keep_gradients(ctx, grads, h, weight, bias)
         ctx.save_for_backward(scale)
         return (lse - zy).sum() * scale
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        if ctx.grads is None:
-            raise RuntimeError(
-                "linear_cross_entropy(reduction='mean'|'sum', backend='torch') computes its gradient in the "
-                "forward pass and hands it over in the first backward; it cannot backward twice. "
-                "Use reduction='none' and reduce the result yourself if you need to."
-            )
         (scale,) = ctx.saved_tensors
-        factor = g * scale
-        grads, ctx.grads = ctx.grads, None
-        out = [grad.mul_(factor).to(dtype) if grad is not None else None for grad, dtype in zip(grads, ctx.dtypes)]
-        del grads
-        return out[0], out[1], out[2], None, None, None, None
+        hint = "; use reduction='none' and reduce the result yourself if you need to"
+        return (*_hand_over_gradients(ctx, g * scale, "linear_cross_entropy(reduction='mean'|'sum')", hint),
+                None, None, None, None)
+
+
+def _keep_gradients(ctx, grads, h, weight, bias):
+    """Gradients formed in a forward pass, kept on ctx (not saved tensors) for ``_hand_over_gradients``."""
+    ctx.grads = grads
+    ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
+
+
+def _hand_over_gradients(ctx, factor, op: str, hint: str = ""):
+    """The first backward scales the kept gradients in place and hands them over, so the leaves' .grad can
+    take them without a copy (like torch's chunked linear CE); there is no second backward."""
+    if ctx.grads is None:
+        raise RuntimeError(f"{op} (backend='torch') computes its gradient in the forward pass and hands it over "
+                           f"in the first backward; it cannot backward twice{hint}")
+    grads, ctx.grads = ctx.grads, None
+    return [grad.mul_(factor).to(dtype) if grad is not None else None for grad, dtype in zip(grads, ctx.dtypes)]
 
 
 def _token_stats(h, weight, bias, target, ignore_index, backend, chunk, need_m=False):
@@ -168,6 +178,25 @@ def _prepare(input, linear_weight, target, linear_bias, ignore_index, backend, *
         raise TypeError(f"input ({h.dtype}) and linear_weight ({linear_weight.dtype}) must have the same dtype")
     backend = resolve_backend(backend, h.device, h.dtype)
     return h.contiguous(), y, ids, backend
+
+
+def _labelled_rows(h, y, ignore_index, ids=None):
+    """Only the tokens that have a label: the ops cost time in proportion to the rows they get, and an
+    ignored token (a prompt, padding) adds nothing to any output. Returns (h, y, ids, rows), rows
+    None when nothing is dropped; indexing ``h`` keeps autograd exact (zero gradient elsewhere)."""
+    ids = ids or {}
+    valid = y != ignore_index
+    if bool(valid.all()):
+        return h, y, ids, None
+    rows = valid.nonzero().squeeze(1)
+    return h.index_select(0, rows), y[rows], {k: v[rows] for k, v in ids.items()}, rows
+
+
+def _scatter_rows(values: torch.Tensor, rows: torch.Tensor | None, size: int) -> torch.Tensor:
+    """Per-token values of the labelled rows back at their places among ``size`` tokens (0 elsewhere)."""
+    if rows is None:
+        return values
+    return values.new_zeros(size).index_copy(0, rows, values)
 
 
 def linear_cross_entropy(
@@ -190,18 +219,19 @@ def linear_cross_entropy(
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     h, y, _, backend = _prepare(input, linear_weight, target, linear_bias, ignore_index, backend)
-    valid = y != ignore_index
+    num_tokens = y.numel()
+    h, y, _, rows = _labelled_rows(h, y, ignore_index)
     if reduction != "none" and backend == "torch":
         scale = torch.ones((), dtype=torch.float64 if h.dtype == torch.float64 else torch.float32, device=h.device)
         if reduction == "mean":
-            scale = scale / valid.sum().clamp(min=1)
+            scale = scale / max(y.numel(), 1)
         return _SummedCE.apply(h, linear_weight, linear_bias, y, ignore_index, scale, chunk_size)
     ce, _ = _token_stats(h, linear_weight, linear_bias, y, ignore_index, backend, chunk_size)
     if reduction == "none":
-        return ce.reshape(target.shape)
+        return _scatter_rows(ce, rows, num_tokens).reshape(target.shape)
     if reduction == "sum":
         return ce.sum()
-    return ce.sum() / valid.sum().clamp(min=1)
+    return ce.sum() / max(y.numel(), 1)
 
 
 def _unbiased_halves(env: torch.Tensor, valid: torch.Tensor, num_envs: int, token_shape) -> torch.Tensor:
@@ -250,22 +280,86 @@ def linear_cross_entropy_irm(
     over two halves of each environment (see ``_unbiased_halves``). An environment
     without non-ignored tokens contributes 0 everywhere.
     """
-    h, y, ids, backend = _prepare(input, linear_weight, target, linear_bias, ignore_index, backend, env=env)
-    valid = y != ignore_index
-    check_ids("env", ids["env"], num_envs, "num_envs", valid)
-    env_id = torch.where(valid, ids["env"], 0)
+    h, y, env_id, half, backend = _prepare_irm(input, linear_weight, target, env, num_envs, linear_bias,
+                                                ignore_index, backend, unbiased)
     ce, m = _token_stats(h, linear_weight, linear_bias, y, ignore_index, backend, chunk_size, need_m=True)
-    count = torch.zeros(num_envs, dtype=torch.long, device=h.device).index_add_(0, env_id, valid.long())
+    count = torch.zeros(num_envs, dtype=torch.long, device=h.device).index_add_(0, env_id, torch.ones_like(env_id))
     env_loss = _per_group_mean(ce, env_id, count)
     scale_grad = _per_group_mean(m, env_id, count)
     if unbiased:
-        half = _unbiased_halves(env_id, valid, num_envs, tuple(target.shape))
         group = env_id * 2 + half
-        half_count = torch.zeros(2 * num_envs, dtype=torch.long, device=h.device).index_add_(0, group, valid.long())
+        half_count = torch.zeros(2 * num_envs, dtype=torch.long, device=h.device).index_add_(
+            0, group, torch.ones_like(group))
         s_half = _per_group_mean(m, group, half_count).view(num_envs, 2)
         penalty = (s_half[:, 0] * s_half[:, 1]).sum()
     else:
         penalty = (scale_grad * scale_grad).sum()
+    return IRMOutput(env_loss, scale_grad, penalty)
+
+
+def _prepare_irm(input, linear_weight, target, env, num_envs, linear_bias, ignore_index, backend, unbiased):
+    """Checked labelled rows of an IRM op: (h, y, env id, half or None, backend)."""
+    h, y, ids, backend = _prepare(input, linear_weight, target, linear_bias, ignore_index, backend, env=env)
+    valid = y != ignore_index
+    check_ids("env", ids["env"], num_envs, "num_envs", valid)
+    env_id = torch.where(valid, ids["env"], 0)
+    if unbiased:
+        ids["half"] = _unbiased_halves(env_id, valid, num_envs, tuple(target.shape))
+    ids["env"] = env_id
+    h, y, ids, _ = _labelled_rows(h, y, ignore_index, ids)
+    return h, y, ids["env"], ids.get("half"), backend
+
+
+class _IRMPenalty(torch.autograd.Function):
+    """Torch path of the IRMv1 penalty with its gradient formed during the forward pass (see irm_penalty)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, target, env, half, num_envs, chunk):
+        penalty, env_loss, scale_grad, grads = torch_path.irm_penalty_pass(h, weight, bias, target, env, half,
+                                                                           num_envs, chunk=chunk)
+        _keep_gradients(ctx, grads, h, weight, bias)
+        ctx.mark_non_differentiable(env_loss, scale_grad)
+        return penalty, env_loss, scale_grad
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g, _g_loss, _g_scale):
+        return (*_hand_over_gradients(ctx, g, "irm_penalty"), None, None, None, None, None)
+
+
+def irm_penalty(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    env: torch.Tensor,
+    *,
+    num_envs: int,
+    linear_bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    unbiased: bool = False,
+    backend: str | None = None,
+    chunk_size: int | None = None,
+) -> IRMOutput:
+    """``linear_cross_entropy_irm`` when only the penalty is trained: same numbers, only ``penalty`` differentiable.
+
+    ILU's objective holds the penalty and not the environments' CE, and s_e's gradient in the
+    logits does not depend on s_e, so the torch path forms the gradient with the logits of the
+    forward pass (3 matmuls per token instead of 4, see ``_torch_linear_ce.irm_penalty_pass``),
+    at the cost of one extra [V, H] fp32 buffer per group in flight (two with ``unbiased``).
+    ``env_loss`` and ``env_scale_grad`` come back detached. It cannot backward twice. The
+    Triton path, and calls that need no gradient, compute ``linear_cross_entropy_irm``.
+    """
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
+    h, y, env_id, half, resolved = _prepare_irm(input, linear_weight, target, env, num_envs, linear_bias,
+                                                ignore_index, backend, unbiased)
+    if resolved != "torch" or not needs_grad:
+        out = linear_cross_entropy_irm(input, linear_weight, target, env, num_envs=num_envs, linear_bias=linear_bias,
+                                       ignore_index=ignore_index, unbiased=unbiased, backend=backend,
+                                       chunk_size=chunk_size)
+        return IRMOutput(out.env_loss.detach(), out.env_scale_grad.detach(), out.penalty)
+    penalty, env_loss, scale_grad = _IRMPenalty.apply(h, linear_weight, linear_bias, y, env_id, half, num_envs,
+                                                      chunk_size)
     return IRMOutput(env_loss, scale_grad, penalty)
 
 
@@ -294,12 +388,12 @@ def sequence_nll(
     if num_seqs is None:
         raise ValueError("num_seqs is required when seq is given")
     h, y, ids, backend = _prepare(input, linear_weight, target, linear_bias, ignore_index, backend, seq=seq)
-    valid = y != ignore_index
-    check_ids("seq", ids["seq"], num_seqs, "num_seqs", valid)
-    seq_id = torch.where(valid, ids["seq"], 0)
+    check_ids("seq", ids["seq"], num_seqs, "num_seqs", y != ignore_index)
+    h, y, ids, _ = _labelled_rows(h, y, ignore_index, ids)
+    seq_id = ids["seq"]
     ce, _ = _token_stats(h, linear_weight, linear_bias, y, ignore_index, backend, chunk_size)
     nll = torch.zeros(num_seqs, dtype=ce.dtype, device=h.device).index_add(0, seq_id, ce)
-    count = torch.zeros(num_seqs, dtype=torch.long, device=h.device).index_add_(0, seq_id, valid.long())
+    count = torch.zeros(num_seqs, dtype=torch.long, device=h.device).index_add_(0, seq_id, torch.ones_like(seq_id))
     return SequenceNLL(nll, count)
 
 
@@ -307,25 +401,17 @@ class _SequenceLoss(torch.autograd.Function):
     """Torch path of Σ_s φ(nll_s) with the gradient formed during the forward pass (see sequence_loss)."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, target, ignore_index, steps, per_sequence_loss, chunk):
-        valid = target != ignore_index
-        total, nll, count, grads = torch_path.sequence_loss_pass(h, weight, bias, target, valid, steps,
-                                                                 per_sequence_loss, chunk=chunk)
-        # Handed over (and scaled in place) by the first backward, like _SummedCE.
-        ctx.grads = grads
-        ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        ctx.mark_non_differentiable(nll, count)
-        return total, nll, count
+    def forward(ctx, h, weight, bias, target, lengths, per_sequence_loss, chunk):
+        total, nll, grads = torch_path.sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss,
+                                                          chunk=chunk)
+        _keep_gradients(ctx, grads, h, weight, bias)
+        ctx.mark_non_differentiable(nll)
+        return total, nll
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g, _g_nll, _g_count):
-        if ctx.grads is None:
-            raise RuntimeError("sequence_loss (backend='torch') computes its gradient in the forward pass and "
-                               "hands it over in the first backward; it cannot backward twice")
-        grads, ctx.grads = ctx.grads, None
-        out = [grad.mul_(g).to(dtype) if grad is not None else None for grad, dtype in zip(grads, ctx.dtypes)]
-        return out[0], out[1], out[2], None, None, None, None, None
+    def backward(ctx, g, _g_nll):
+        return (*_hand_over_gradients(ctx, g, "sequence_loss"), None, None, None, None)
 
 
 def sequence_loss(
@@ -353,14 +439,15 @@ def sequence_loss(
     if input.dim() != 3:
         raise ValueError(f"sequence_loss needs a [B, T, H] input (one sequence per row), got shape {tuple(input.shape)}")
     h, y, _, backend = _prepare(input, linear_weight, target, linear_bias, ignore_index, backend)
-    steps = target.shape[1]
-    fits = steps * linear_weight.shape[0] <= torch_path._WORKSPACE_ELEMS and (chunk_size is None or chunk_size >= steps)
+    lengths = (target != ignore_index).sum(1)
+    longest = int(lengths.max()) if lengths.numel() else 0
+    fits = longest * linear_weight.shape[0] <= torch_path._WORKSPACE_ELEMS and (chunk_size is None or chunk_size >= longest)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
-    if backend == "torch" and fits and needs_grad and h.shape[0] > 0:
-        loss, nll, count = _SequenceLoss.apply(h, linear_weight, linear_bias, y, ignore_index, steps,
-                                               per_sequence_loss, chunk_size)
-        return SequenceLoss(loss, nll, count)
+    if backend == "torch" and fits and needs_grad and longest > 0:
+        h, y, _, _ = _labelled_rows(h, y, ignore_index)
+        loss, nll = _SequenceLoss.apply(h, linear_weight, linear_bias, y, lengths, per_sequence_loss, chunk_size)
+        return SequenceLoss(loss, nll, lengths)
     nll, count = sequence_nll(input, linear_weight, target, linear_bias=linear_bias, ignore_index=ignore_index,
                               backend=backend, chunk_size=chunk_size)
     ids = torch.arange(nll.shape[0], device=nll.device)
