@@ -92,9 +92,11 @@ class PeakMemory:
         self.base = _rss()
         self.can_reset = _reset_hwm()
         self.sampled = self.base
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        self._thread = None
+        if not self.can_reset:  # the kernel's high-water mark needs no sampling (which would take CPU time)
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
         return self
 
     def _sample(self):
@@ -106,8 +108,9 @@ class PeakMemory:
             sync(self.device)
             self.extra = torch.cuda.max_memory_allocated(self.device) - self.base
             return False
-        self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
         peak = _hwm() if self.can_reset else max(self.sampled, _rss())
         self.extra = max(0, peak - self.base)
         return False
