@@ -6,6 +6,8 @@ Variants (each in its own process, so its peak memory is its own):
   torch_chunked   torch's F.linear_cross_entropy, LinearCrossEntropyOptions(batch_chunk_size=512)
   ours_ce         uf.ops.linear_cross_entropy
   ours_ce_irm     uf.ops.linear_cross_entropy_irm (env_loss.mean() + penalty)
+  naive_penalty   the IRMv1 penalty alone by double backprop (what ILU trains: no environment CE)
+  ours_penalty    uf.ops.irm_penalty (gradient formed in the forward pass)
   liger_flce, cce on a GPU when those packages are installed.
 
     python bench/bench_linear_ce.py                 # CPU: N=4096 H=512 V=32000 fp32; GPU: N=16384 H=4096 V=128256 bf16
@@ -27,7 +29,7 @@ from _common import (PeakMemory, environment, median_time, print_summary, ratios
 CPU_SHAPES = dict(N=4096, H=512, V=32000, E=4, dtype="float32")
 GPU_SHAPES = dict(N=16384, H=4096, V=128256, E=4, dtype="bfloat16")
 QUICK_SHAPES = dict(N=512, H=64, V=2000, E=4, dtype="float32")
-VARIANTS = ["naive_ce", "naive_ce_irm", "torch_chunked", "ours_ce", "ours_ce_irm"]
+VARIANTS = ["naive_ce", "naive_ce_irm", "torch_chunked", "ours_ce", "ours_ce_irm", "naive_penalty", "ours_penalty"]
 GPU_VARIANTS = ["liger_flce", "cce"]
 
 
@@ -64,6 +66,10 @@ def loss_fn(variant, h, w, y, env, envs):
             out = uf.ops.linear_cross_entropy_irm(h, w, y, env, num_envs=envs)
             return out.env_loss.mean() + out.penalty
         return ours
+    if variant == "naive_penalty":
+        return lambda: naive_irm(h, w, y, env, envs)[2]
+    if variant == "ours_penalty":
+        return lambda: uf.ops.irm_penalty(h, w, y, env, num_envs=envs).penalty
     if variant == "liger_flce":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -139,6 +145,9 @@ def summarise(results, cuda):
         "naive_irm_over_ours_irm_time": ("naive_ce_irm", "ours_ce_irm", "median_s"),
         "naive_irm_over_ours_irm_memory": ("naive_ce_irm", "ours_ce_irm", "peak_extra_mb"),
         "ours_irm_over_ours_ce_time": ("ours_ce_irm", "ours_ce", "median_s"),
+        "naive_penalty_over_ours_penalty_time": ("naive_penalty", "ours_penalty", "median_s"),
+        "naive_penalty_over_ours_penalty_memory": ("naive_penalty", "ours_penalty", "peak_extra_mb"),
+        "ours_penalty_over_ours_ce_time": ("ours_penalty", "ours_ce", "median_s"),
     }
     if cuda:
         pairs.update({
