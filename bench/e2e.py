@@ -293,7 +293,7 @@ def main(argv=None):
     parser.add_argument("--model-size", choices=sorted(SHAPES), default=None,
                         help="1b | 8b (GPU, bf16, seq 512, batch 4); quick | tiny (CPU)")
     parser.add_argument("--variants", default=None, help=f"comma-separated subset of {','.join(ALL_VARIANTS)}")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 3 on CPU, 10 on GPU)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 5 on CPU, 10 on GPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 on CPU, 3 on GPU)")
     parser.add_argument("--device", default=None, help="cpu | cuda (default cuda when available)")
     parser.add_argument("--threads", type=int, default=None,
@@ -308,7 +308,7 @@ def main(argv=None):
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
-    steps = args.steps if args.steps is not None else (10 if on_gpu else 3)
+    steps = args.steps if args.steps is not None else (10 if on_gpu else 5)
     warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
     if steps < 1 or warmup < 0:
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
