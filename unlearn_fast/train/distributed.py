@@ -21,7 +21,22 @@ ILU logit penalty (Σ_e s_e² of each process's environment batches) and NPO's
 ``batch_mean`` form. The finite-difference regularisers (SAM, GP, CR, parameter
 IRM) see the global gradient and match one process.
 
-FSDP2 (sharded parameters) is not supported by the trainer yet.
+FSDP2 (``parallel: fsdp``): ``shard_model`` applies ``fully_shard`` to every
+decoder layer and to the root. Between steps each process holds only its shard
+of the weights, gradients and optimizer state (DTensors sharded on dim 0; the
+optimizer steps the local shards). For one step the trainer gathers the whole
+model (``FSDPSharding.gathered``): the objectives read ``lm_head.weight``
+directly, take gradients with ``torch.autograd.grad`` with respect to
+``model.parameters()`` and move the weights in place (SAM, GP, RS, CR,
+parameter IRM), none of which survives a layer resharding in the middle of the
+step. Inside the gathered step the gradients are averaged exactly as above;
+at its end each process keeps its shard of the averaged gradient and the
+gathered weights are freed. Gradient clipping then needs the norm over all
+shards: ``ops.global_grad_norm`` all-reduces the squared norm (outside
+``replicated_gradients``). Peak memory inside a step is therefore that of data
+parallelism; what FSDP saves is the optimizer state, fp32 master weights and
+gradients between steps. Checkpoints hold full tensors (the same files as
+without sharding): every process gathers, process 0 writes.
 """
 from __future__ import annotations
 
@@ -31,6 +46,7 @@ import os
 import torch
 
 from .. import ops
+from ..lm import lm_parts
 
 
 def is_distributed() -> bool:
@@ -86,3 +102,130 @@ def data_parallel(params):
     finally:
         for h in handles:
             h.remove()
+
+
+# -- FSDP2 ------------------------------------------------------------------------------------------
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks to shard one by one: the classes a Hugging Face model lists in ``_no_split_modules``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    layers = [m for m in base.modules() if type(m).__name__ in names]
+    if not layers:
+        layers = list(getattr(lm_parts(model).body, "layers", ()))
+    if not layers:
+        raise ValueError(f"parallel=fsdp: cannot find the decoder layers of {type(base).__name__} "
+                         "(no _no_split_modules and no body.layers)")
+    return layers
+
+
+class FSDPSharding:
+    """A model under FSDP2, its trainable parameters' local shards, and full <-> shard conversions.
+
+    ``local_params`` are plain leaf tensors that share storage with the sharded parameters: the
+    optimizer steps them (and reads their ``.grad``), the next ``gathered()`` all-gathers the result.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        for layer in decoder_layers(model):
+            fully_shard(layer)
+        fully_shard(model)
+        self.model = model
+        self.units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        for unit in self.units:  # the whole step runs gathered; the trainer averages gradients itself
+            unit.set_reshard_after_forward(False, recurse=False)
+            unit.set_reshard_after_backward(False, recurse=False)
+            unit.set_requires_gradient_sync(False, recurse=False)
+        self._init_root()
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        sharded = dict(model.named_parameters())
+        self.sharded = [sharded[n] for n in self.names]
+        self.local_params = [torch.nn.Parameter(p.to_local().detach(), requires_grad=True) for p in self.sharded]
+
+    @torch.no_grad()
+    def _init_root(self) -> None:
+        # FSDP2 makes the first module to run forward the root; the objectives never call the root's
+        # forward, so run it once on one token here (it is the root that knows every layer's state).
+        device = self.local_device()
+        self.model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
+        self.reshard()
+
+    def local_device(self) -> torch.device:
+        p = next(self.model.parameters())
+        return p.to_local().device if hasattr(p, "to_local") else p.device
+
+    def reshard(self) -> None:
+        for unit in self.units:
+            unit.reshard()
+
+    @contextlib.contextmanager
+    def gathered(self):
+        """Inside the block the model holds full, plain weights (one all-gather per unit); freed after."""
+        for unit in self.units:
+            unit.unshard()
+        try:
+            yield
+        finally:
+            self.reshard()
+
+    def full_parameters(self) -> list[torch.Tensor]:
+        """The gathered trainable parameters, in ``local_params`` order (only inside ``gathered()``)."""
+        params = dict(self.model.named_parameters())
+        return [params[n] for n in self.names]
+
+    @torch.no_grad()
+    def gradients_to_shards(self, full_params) -> None:
+        """Each process keeps its shard of the (already averaged) full gradients; the full ones are dropped."""
+        for i, (local, full) in enumerate(zip(self.local_params, full_params)):
+            if full.grad is None:
+                continue
+            shard = self.shard(i, full.grad).to(local.dtype)
+            local.grad = shard.clone() if local.grad is None else local.grad.add_(shard)
+            full.grad = None
+
+    def shard(self, i: int, full: torch.Tensor) -> torch.Tensor:
+        """This process's shard of a full tensor shaped like trainable parameter ``i`` (no communication)."""
+        from torch.distributed.tensor import distribute_tensor
+
+        ref = self.sharded[i]
+        return distribute_tensor(full.to(ref.device_mesh.device_type), ref.device_mesh, ref.placements,
+                                 src_data_rank=None).to_local()
+
+    def full(self, i: int, local: torch.Tensor) -> torch.Tensor:
+        """The full tensor from every process's shard shaped like parameter ``i`` (a collective: all call it)."""
+        from torch.distributed.tensor import DTensor
+
+        ref = self.sharded[i]
+        dt = DTensor.from_local(local.detach().contiguous(), ref.device_mesh, ref.placements, run_check=False,
+                                shape=ref.shape, stride=ref.stride())
+        return dt.full_tensor()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every model tensor gathered (a collective: all processes call it)."""
+        return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach()
+                for k, v in self.model.state_dict().items()}
+
+    @torch.no_grad()
+    def load_full_state_dict(self, tensors: dict[str, torch.Tensor]) -> list[str]:
+        """Copy full tensors into this process's shards; returns the model keys not found in ``tensors``."""
+        from torch.distributed.tensor import distribute_tensor
+
+        missing = []
+        for name, value in self.model.state_dict(keep_vars=True).items():
+            if name not in tensors:
+                missing.append(name)
+                continue
+            full = tensors[name].to(dtype=value.dtype)
+            if hasattr(value, "to_local"):
+                shard = distribute_tensor(full, value.device_mesh, value.placements, src_data_rank=None).to_local()
+                value.to_local().copy_(shard)
+            else:
+                value.copy_(full)
+        return missing
+
+
+def shard_model(model: torch.nn.Module) -> FSDPSharding:
+    """FSDP2 on ``model`` (every decoder layer, then the root) over the default process group."""
+    return FSDPSharding(model)

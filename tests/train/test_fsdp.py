@@ -1,0 +1,96 @@
+"""FSDP2 on gloo (``parallel: fsdp``): two processes, each holding half of every weight and half of the global
+batch, end with the weights of one process trained on the whole batch (NPO, and NPO + SAM whose perturbation
+needs the global gradient); the final model is written whole by process 0, and a run resumed from its
+checkpoint (sharded FusedAdamW state gathered into the file, cut back into shards on load) ends where the
+uninterrupted run ended.
+
+SGD for the comparison with one process, as in test_distributed.py (why: see there). Clipping is on
+(clip=1.0, gradient norms are larger), so the clip norm has to be the norm over both shards.
+"""
+import shutil
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from tests.train.helpers import equal_length_examples
+from tests.train.test_distributed import CONFIG, free_port
+from tests.tiny import tiny_llama
+
+RUNS = {"npo": dict(sam_rho=0.0), "npo_sam": dict(sam_rho=0.05)}
+
+
+def train(output, batch_size, *, sgd=True, resume=False, **overrides):
+    from unlearn_fast.train import Trainer, build_config
+
+    config = build_config(dict(CONFIG, batch_size=batch_size, **overrides))
+    model = tiny_llama(layers=2, seed=0)
+    sgd_fn = (lambda params, cfg: torch.optim.SGD(params, lr=cfg.lr)) if sgd else None  # noqa: E731
+    trainer = Trainer(model, None, config, forget=equal_length_examples(0, 8), retain=equal_length_examples(1, 8),
+                      output_dir=output, progress=False, optimizer=sgd_fn)
+    trainer.train(resume=resume)
+    return trainer
+
+
+def worker(rank, world, port, output):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(100 + rank)  # different RNG per process: rank 0's weights must win the broadcast
+        for name, overrides in RUNS.items():
+            trainer = train(f"{output}/{name}", 4 // world, parallel="fsdp", **overrides)
+            assert trainer.sharding is not None
+            shards = {n: p.detach().clone() for n, p in zip(trainer.sharding.names, trainer.params)}
+            torch.save(shards, f"{output}/{name}-shards{rank}.pt")
+        # resume: FusedAdamW's sharded state goes through the checkpoint file and back
+        train(f"{output}/adamw", 4 // world, sgd=False, parallel="fsdp", lr=1e-3)
+        if rank == 0:
+            shutil.copy(f"{output}/adamw/final/model.safetensors", f"{output}/adamw-uninterrupted.safetensors")
+        torch.distributed.barrier()
+        train(f"{output}/adamw", 4 // world, sgd=False, parallel="fsdp", lr=1e-3, resume=True)  # from checkpoint-2
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    # fork: the children inherit the imported modules (spawn would re-import torch and transformers in each)
+    mp.start_processes(worker, args=(2, free_port(), str(out)), nprocs=2, join=True, start_method="fork")
+    return out
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_fsdp_two_processes_match_one_process_with_the_global_batch(fsdp_runs, tmp_path, name):
+    final = load_file(str(fsdp_runs / name / "final" / "model.safetensors"))
+    single = train(tmp_path / "single", 4, **RUNS[name]).model.state_dict()
+    start = tiny_llama(layers=2, seed=0).state_dict()
+    moved = 0.0
+    for key, value in single.items():
+        torch.testing.assert_close(final[key], value, rtol=0, atol=1e-6, msg=key)
+        moved = max(moved, float((value - start[key]).abs().max()))
+    assert moved > 1e-3  # the runs trained: the comparison is not between two untouched models
+    # each process held half of every weight: its shard is its half of the final weights
+    shards = [torch.load(fsdp_runs / f"{name}-shards{r}.pt") for r in (0, 1)]
+    for key, half in shards[0].items():
+        assert half.shape[0] == (final[key].shape[0] + 1) // 2
+        torch.testing.assert_close(torch.cat([half, shards[1][key]]), final[key], rtol=0, atol=0, msg=key)
+    metrics = (fsdp_runs / name / "metrics.jsonl").read_text()
+    assert (fsdp_runs / name / "checkpoint-2").is_dir() and (name != "npo_sam" or "sam_norm" in metrics)
+
+
+def test_fsdp_checkpoint_holds_full_tensors_and_resume_ends_where_the_uninterrupted_run_ended(fsdp_runs):
+    run = fsdp_runs / "adamw"
+    ckpt = run / "checkpoint-2"
+    start = tiny_llama(layers=2, seed=0)
+    model = load_file(str(ckpt / "model.safetensors"))
+    assert {k: tuple(v.shape) for k, v in model.items()} == {k: tuple(v.shape) for k, v in start.state_dict().items()}
+    optim = load_file(str(ckpt / "optimizer.safetensors"))
+    for i, p in enumerate(start.parameters()):  # gathered state, not one process's shard
+        assert optim[f"{i}.exp_avg"].shape == p.shape and optim[f"{i}.exp_avg"].abs().sum() > 0
+    assert "resumed" in (run / "metrics.jsonl").read_text()
+    uninterrupted = load_file(str(fsdp_runs / "adamw-uninterrupted.safetensors"))
+    resumed = load_file(str(run / "final" / "model.safetensors"))
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+    assert any(not torch.equal(uninterrupted[k], model[k]) for k in uninterrupted)  # step 3 moved the weights
