@@ -19,13 +19,14 @@ from tests.train.test_distributed import CONFIG, free_port
 from tests.tiny import tiny_llama
 
 RUNS = {"npo": dict(sam_rho=0.0), "npo_sam": dict(sam_rho=0.05)}
+BF16 = dict(dtype="bfloat16", master_weights=True, grad_accum=2, clip=0.0, max_steps=2, sam_rho=0.0)
 
 
 def train(output, batch_size, *, sgd=True, resume=False, **overrides):
     from unlearn_fast.train import Trainer, build_config
 
     config = build_config(dict(CONFIG, batch_size=batch_size, **overrides))
-    model = tiny_llama(layers=2, seed=0)
+    model = tiny_llama(layers=2, seed=0, dtype=torch.bfloat16 if config.dtype == "bfloat16" else torch.float32)
     sgd_fn = (lambda params, cfg: torch.optim.SGD(params, lr=cfg.lr)) if sgd else None  # noqa: E731
     trainer = Trainer(model, None, config, forget=equal_length_examples(0, 8), retain=equal_length_examples(1, 8),
                       output_dir=output, progress=False, optimizer=sgd_fn)
@@ -43,6 +44,9 @@ def worker(rank, world, port, output):
             assert trainer.sharding is not None
             shards = {n: p.detach().clone() for n, p in zip(trainer.sharding.names, trainer.params)}
             torch.save(shards, f"{output}/{name}-shards{rank}.pt")
+        # bf16 weights with fp32 masters (per shard), two micro-batches: the same ops as data parallelism
+        for parallel in ("ddp", "fsdp"):
+            train(f"{output}/bf16-{parallel}", 4 // world, parallel=parallel, **BF16)
         # resume: FusedAdamW's sharded state goes through the checkpoint file and back
         train(f"{output}/adamw", 4 // world, sgd=False, parallel="fsdp", lr=1e-3)
         if rank == 0:
@@ -78,6 +82,14 @@ def test_fsdp_two_processes_match_one_process_with_the_global_batch(fsdp_runs, t
         torch.testing.assert_close(torch.cat([half, shards[1][key]]), final[key], rtol=0, atol=0, msg=key)
     metrics = (fsdp_runs / name / "metrics.jsonl").read_text()
     assert (fsdp_runs / name / "checkpoint-2").is_dir() and (name != "npo_sam" or "sam_norm" in metrics)
+
+
+def test_fsdp_bf16_master_weights_and_accumulation_equal_data_parallel(fsdp_runs):
+    # clip=0: no global norm, so both modes run the same operations and must agree bit for bit
+    ddp, fsdp = (load_file(str(fsdp_runs / f"bf16-{p}" / "final" / "model.safetensors")) for p in ("ddp", "fsdp"))
+    start = tiny_llama(layers=2, seed=0, dtype=torch.bfloat16).state_dict()
+    assert all(torch.equal(ddp[k], fsdp[k]) for k in ddp)
+    assert any(not torch.equal(ddp[k], start[k]) for k in ddp)
 
 
 def test_fsdp_checkpoint_holds_full_tensors_and_resume_ends_where_the_uninterrupted_run_ended(fsdp_runs):

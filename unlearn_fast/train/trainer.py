@@ -200,6 +200,8 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.model.zero_grad(set_to_none=True)
+            for p in self.params:  # FSDP's local shards are not the model's parameters (bf16 + masters: not the optimizer's)
+                p.grad = None
             self.step += 1
             if self.averager:
                 self.averager.update(self.model, self.step)
