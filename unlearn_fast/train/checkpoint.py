@@ -99,7 +99,12 @@ def save_checkpoint(output: Path, step: int, *, model, optimizer, scheduler, sta
     if model_tensors is None:
         save_model(model, str(tmp / "model.safetensors"))
     else:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model_tensors.items()}, str(tmp / "model.safetensors"))
+        seen, unique = set(), {}
+        for k, v in model_tensors.items():  # a tied weight once (safetensors refuses shared tensors)
+            if id(v) not in seen:
+                seen.add(id(v))
+                unique[k] = v.detach().contiguous().cpu()
+        save_file(unique, str(tmp / "model.safetensors"))
     opt_tensors, opt_meta = optimizer_state or optimizer_tensors(optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng_tensors, rng_meta = rng_state()
@@ -145,8 +150,7 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, sharding=None) -
             raise ValueError(f"checkpoint {path} does not match the model: unexpected tensors {unexpected[:5]}")
     else:
         missing = sharding.load_full_state_dict(load_file(str(path / "model.safetensors")))
-        names = {n for n, _ in model.named_parameters()}  # a tied weight is listed (and needed) once
-        if any(k in names for k in missing):
+        if missing:
             raise ValueError(f"checkpoint {path} does not match the model: missing tensors {missing[:5]}")
     to_local = None
     if sharding is not None:

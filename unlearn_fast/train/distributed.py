@@ -203,19 +203,25 @@ class FSDPSharding:
         return dt.full_tensor()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every model tensor gathered (a collective: all processes call it)."""
-        return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach()
-                for k, v in self.model.state_dict().items()}
+        """Every model tensor gathered (a collective: all processes call it); tied names share one tensor."""
+        full: dict[int, torch.Tensor] = {}
+        out = {}
+        for name, value in self.model.state_dict(keep_vars=True).items():
+            if id(value) not in full:
+                full[id(value)] = (value.full_tensor() if hasattr(value, "full_tensor") else value).detach()
+            out[name] = full[id(value)]
+        return out
 
     @torch.no_grad()
     def load_full_state_dict(self, tensors: dict[str, torch.Tensor]) -> list[str]:
-        """Copy full tensors into this process's shards; returns the model keys not found in ``tensors``."""
+        """Copy full tensors into this process's shards; returns the model tensors found under none of their names."""
         from torch.distributed.tensor import distribute_tensor
 
-        missing = []
+        names: dict[int, list[str]] = {}
+        loaded = set()
         for name, value in self.model.state_dict(keep_vars=True).items():
-            if name not in tensors:
-                missing.append(name)
+            names.setdefault(id(value), []).append(name)
+            if name not in tensors or id(value) in loaded:
                 continue
             full = tensors[name].to(dtype=value.dtype)
             if hasattr(value, "to_local"):
@@ -223,7 +229,8 @@ class FSDPSharding:
                 value.to_local().copy_(shard)
             else:
                 value.copy_(full)
-        return missing
+            loaded.add(id(value))
+        return [group[0] for key, group in names.items() if key not in loaded]
 
 
 def shard_model(model: torch.nn.Module) -> FSDPSharding:
