@@ -1,6 +1,8 @@
 """FSDP2 on gloo (``parallel: fsdp``): two processes, each holding half of every weight and half of the global
 batch, end with the weights of one process trained on the whole batch (NPO, and NPO + SAM whose perturbation
-needs the global gradient); the final model is written whole by process 0, and a run resumed from its
+needs the global gradient). NPO runs layer by layer (layer 0 is freed again while layer 1 runs; FSDP reduces
+the gradients, the LM head's included), NPO + SAM with the step gathered (the trainer's hooks average). The
+final model is written whole by process 0, and a run resumed from its
 checkpoint (sharded FusedAdamW state gathered into the file, cut back into shards on load) ends where the
 uninterrupted run ended.
 
@@ -22,11 +24,15 @@ RUNS = {"npo": dict(sam_rho=0.0), "npo_sam": dict(sam_rho=0.05)}
 BF16 = dict(dtype="bfloat16", master_weights=True, grad_accum=2, clip=0.0, max_steps=2, sam_rho=0.0)
 
 
-def train(output, batch_size, *, sgd=True, resume=False, **overrides):
+def train(output, batch_size, *, sgd=True, resume=False, seen=None, **overrides):
     from unlearn_fast.train import Trainer, build_config
 
     config = build_config(dict(CONFIG, batch_size=batch_size, **overrides))
     model = tiny_llama(layers=2, seed=0, dtype=torch.bfloat16 if config.dtype == "bfloat16" else torch.float32)
+    if seen is not None:  # what layer 1's forward sees: layer 0's weight (freed again?) and the LM head
+        def look(module, args):
+            seen.add((type(model.model.layers[0].mlp.up_proj.weight).__name__, type(model.lm_head.weight).__name__))
+        model.model.layers[1].register_forward_pre_hook(look)
     sgd_fn = (lambda params, cfg: torch.optim.SGD(params, lr=cfg.lr)) if sgd else None  # noqa: E731
     trainer = Trainer(model, None, config, forget=equal_length_examples(0, 8), retain=equal_length_examples(1, 8),
                       output_dir=output, progress=False, optimizer=sgd_fn)
@@ -40,8 +46,11 @@ def worker(rank, world, port, output):
     try:
         torch.manual_seed(100 + rank)  # different RNG per process: rank 0's weights must win the broadcast
         for name, overrides in RUNS.items():
-            trainer = train(f"{output}/{name}", 4 // world, parallel="fsdp", **overrides)
-            assert trainer.sharding is not None
+            seen = set()
+            trainer = train(f"{output}/{name}", 4 // world, parallel="fsdp", seen=seen, **overrides)
+            # NPO only calls backward: FSDP gathers, frees and reduce-scatters layer by layer; SAM needs the step gathered
+            assert trainer.sharding.layerwise == (name == "npo")
+            assert seen == ({("DTensor", "Parameter")} if name == "npo" else {("Parameter", "Parameter")}), seen
             shards = {n: p.detach().clone() for n, p in zip(trainer.sharding.names, trainer.params)}
             torch.save(shards, f"{output}/{name}-shards{rank}.pt")
         # bf16 weights with fp32 masters (per shard), two micro-batches: the same ops as data parallelism

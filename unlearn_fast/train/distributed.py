@@ -24,19 +24,30 @@ IRM) see the global gradient and match one process.
 FSDP2 (``parallel: fsdp``): ``shard_model`` applies ``fully_shard`` to every
 decoder layer and to the root. Between steps each process holds only its shard
 of the weights, gradients and optimizer state (DTensors sharded on dim 0; the
-optimizer steps the local shards). For one step the trainer gathers the whole
-model (``FSDPSharding.gathered``): the objectives read ``lm_head.weight``
-directly, take gradients with ``torch.autograd.grad`` with respect to
-``model.parameters()`` and move the weights in place (SAM, GP, RS, CR,
-parameter IRM), none of which survives a layer resharding in the middle of the
-step. Inside the gathered step the gradients are averaged exactly as above;
-at its end each process keeps its shard of the averaged gradient and the
-gathered weights are freed. Gradient clipping then needs the norm over all
-shards: ``ops.global_grad_norm`` all-reduces the squared norm (outside
-``replicated_gradients``). Peak memory inside a step is therefore that of data
-parallelism; what FSDP saves is the optimizer state, fp32 master weights and
-gradients between steps. Checkpoints hold full tensors (the same files as
-without sharding): every process gathers, process 0 writes.
+optimizer steps the local shards, ``FSDPSharding.local_params``). A step runs
+in one of two ways:
+
+* layer by layer (objectives that only call ``backward``: GA, GradDiff, NPO,
+  SimNPO, with the ILU logit penalty): the objectives never call the root's
+  forward (they run the body and read ``lm_head.weight`` directly), so the
+  trainer gathers the root's own weights (embeddings, final norm, LM head) for
+  the step; FSDP gathers each decoder layer for its forward and backward and
+  frees it after. Gradients are FSDP's: layers reduce-scatter (average) at the
+  end of their backward, the root's weights (whose gradient the fused loss
+  writes) at the end of each backward pass.
+* gathered (SAM, GP, RS, CR, parameter IRM, RMU): these take gradients with
+  ``torch.autograd.grad`` with respect to ``model.parameters()`` and move the
+  weights in place, neither of which survives a layer being freed and gathered
+  again mid-step. The whole model is gathered for the step, gradients are
+  averaged by the hooks above (so the SAM direction is the global one), and at
+  the end each process keeps its shard of them. Peak memory inside such a step
+  is that of data parallelism; FSDP still saves the optimizer state, fp32
+  master weights and gradients between steps.
+
+Gradient clipping needs the norm over all shards: ``ops.global_grad_norm``
+all-reduces the squared norm (outside ``replicated_gradients``). Checkpoints
+hold full tensors (the same files as without sharding): every process
+gathers, process 0 writes. In one process ``parallel: fsdp`` changes nothing.
 """
 from __future__ import annotations
 
@@ -123,21 +134,31 @@ class FSDPSharding:
     """A model under FSDP2, its trainable parameters' local shards, and full <-> shard conversions.
 
     ``local_params`` are plain leaf tensors that share storage with the sharded parameters: the
-    optimizer steps them (and reads their ``.grad``), the next ``gathered()`` all-gathers the result.
+    optimizer steps them (and reads their ``.grad``), the next step all-gathers the result.
+
+    ``layerwise=False``: a step runs inside ``gathered()`` (whole model gathered, gradients averaged
+    by ``data_parallel`` hooks, then cut into shards by ``gradients_to_shards``): needed whenever the
+    objective takes ``autograd.grad`` or moves weights in place. ``layerwise=True`` (objectives that
+    only call ``backward``): a step runs inside ``layerwise_step()``: FSDP all-gathers each decoder
+    layer for its forward and again for its backward, frees it after each, and reduce-scatters
+    (averages) its gradient; the root's own weights (embeddings, final norm, LM head, read directly
+    by the fused loss) stay gathered for the step and FSDP reduce-scatters their gradients at the
+    end of each backward.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, *, layerwise: bool = False):
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
         for layer in decoder_layers(model):
             fully_shard(layer)
         fully_shard(model)
-        self.model = model
+        self.model, self.layerwise = model, layerwise
         self.units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-        for unit in self.units:  # the whole step runs gathered; the trainer averages gradients itself
-            unit.set_reshard_after_forward(False, recurse=False)
-            unit.set_reshard_after_backward(False, recurse=False)
-            unit.set_requires_gradient_sync(False, recurse=False)
+        for unit in self.units:
+            layer = layerwise and unit is not model
+            unit.set_reshard_after_forward(layer, recurse=False)
+            unit.set_reshard_after_backward(layer, recurse=False)  # the root stays gathered for the whole step
+            unit.set_requires_gradient_sync(layerwise, recurse=False)
         self._init_root()
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         sharded = dict(model.named_parameters())
@@ -169,6 +190,22 @@ class FSDPSharding:
             yield
         finally:
             self.reshard()
+
+    @contextlib.contextmanager
+    def layerwise_step(self):
+        """The root's weights gathered for the block; after it, FSDP's averaged gradient shards moved to
+        ``local_params`` (the layers gather, free and reduce-scatter through FSDP's own hooks)."""
+        self.model.unshard()  # not recursive: the root's own parameters only
+        try:
+            yield
+        finally:
+            self.model.reshard()
+        with torch.no_grad():
+            for local, sharded in zip(self.local_params, self.sharded):
+                if sharded.grad is not None:
+                    grad = sharded.grad.to_local()
+                    local.grad = grad.clone() if local.grad is None else local.grad.add_(grad)
+                    sharded.grad = None
 
     def full_parameters(self) -> list[torch.Tensor]:
         """The gathered trainable parameters, in ``local_params`` order (only inside ``gathered()``)."""
@@ -233,6 +270,6 @@ class FSDPSharding:
         return [group[0] for key, group in names.items() if key not in loaded]
 
 
-def shard_model(model: torch.nn.Module) -> FSDPSharding:
+def shard_model(model: torch.nn.Module, *, layerwise: bool = False) -> FSDPSharding:
     """FSDP2 on ``model`` (every decoder layer, then the root) over the default process group."""
-    return FSDPSharding(model)
+    return FSDPSharding(model, layerwise=layerwise)

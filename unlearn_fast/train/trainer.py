@@ -52,6 +52,15 @@ def lr_lambda(config: TrainConfig):
     return factor
 
 
+def backward_only(objective) -> bool:
+    """Whether the objective's gradient comes from ``backward()`` alone: no ``autograd.grad`` with respect to
+    the parameters and no weights moved in place (SAM, GP, RS, CR, parameter IRM and RMU's frozen copy
+    need both). Such objectives can run FSDP layer by layer."""
+    return (objective.method != "rmu" and objective.sam_rho == 0 and objective.gp_weight == 0
+            and objective.rs_samples == 0 and objective.cr_weight == 0
+            and objective.irm in (None, "logit", "logit_unbiased"))
+
+
 def distributed() -> bool:
     return is_distributed()
 
@@ -130,7 +139,9 @@ class Trainer:
         if self.world > 1:  # every process starts from rank 0's weights
             broadcast_parameters(model)
         self.architecture = type(model).__name__  # before FSDP renames the class
-        self.sharding = shard_model(model) if self.world > 1 and config.parallel == "fsdp" else None
+        self.sharding = None
+        if self.world > 1 and config.parallel == "fsdp":
+            self.sharding = shard_model(model, layerwise=backward_only(self.objective))
         # the optimizer's parameters: the model's own, or under FSDP this process's shards of them
         self.params = self.sharding.local_params if self.sharding else trainable_parameters(model)
         self.master = MasterWeights(self.params) if config.master_weights else None
@@ -225,19 +236,22 @@ class Trainer:
     def _accumulate(self) -> tuple[dict, int]:
         totals: dict = {}
         tokens = 0
-        with self._gathered():
-            params = self.sharding.full_parameters() if self.sharding else self.params
+        layerwise = self.sharding is not None and self.sharding.layerwise
+        with self.sharding.layerwise_step() if layerwise else self._gathered():
+            params = self.sharding.full_parameters() if self.sharding and not layerwise else self.params
+            # gradients averaged over processes as autograd makes them (layerwise FSDP: by its reduce-scatter)
+            average = contextlib.nullcontext if layerwise else lambda: data_parallel(params)
             for micro in range(self.config.grad_accum):
                 forget = self.forget.next_batch(self.device, extra={"ref_nll": self.ref_nll} if self.ref_nll is not None else None)
                 retain = self.retain.next_batch(self.device) if self.retain else None
                 envs = [e.next_batch(self.device) for e in self.envs]
-                with data_parallel(params):  # gradients averaged over processes as autograd makes them
+                with average():
                     metrics = unlearning_gradients(self.model, forget, retain, envs, self.objective, ref_model=self.ref_model,
                                                    step=self.step * self.config.grad_accum + micro)
                 tokens += sum(int(b["attention_mask"].sum()) for b in [forget, retain, *envs] if b is not None)
                 for k, v in metrics.items():
                     totals[k] = totals.get(k, 0.0) + v / self.config.grad_accum
-            if self.sharding:  # keep this process's shard of the averaged gradients, free the full ones
+            if self.sharding and not layerwise:  # keep this process's shard of the averaged gradients
                 self.sharding.gradients_to_shards(params)
         with torch.no_grad():
             for p in self.params:
