@@ -192,6 +192,20 @@ class FSDPSharding:
             self.reshard()
 
     @contextlib.contextmanager
+    def step(self):
+        """The gradient computation of one optimizer step (all its micro-batches). Yields the parameters whose
+        gradients the caller must average over processes (``data_parallel``), or None when FSDP reduces them
+        (layer by layer); on leaving, ``local_params[i].grad`` holds this process's shard of the average."""
+        if self.layerwise:
+            with self.layerwise_step():
+                yield None
+            return
+        with self.gathered():
+            params = self.full_parameters()
+            yield params
+            self.gradients_to_shards(params)
+
+    @contextlib.contextmanager
     def layerwise_step(self):
         """The root's weights gathered for the block; after it, FSDP's averaged gradient shards moved to
         ``local_params`` (the layers gather, free and reduce-scatter through FSDP's own hooks)."""

@@ -236,11 +236,10 @@ class Trainer:
     def _accumulate(self) -> tuple[dict, int]:
         totals: dict = {}
         tokens = 0
-        layerwise = self.sharding is not None and self.sharding.layerwise
-        with self.sharding.layerwise_step() if layerwise else self._gathered():
-            params = self.sharding.full_parameters() if self.sharding and not layerwise else self.params
-            # gradients averaged over processes as autograd makes them (layerwise FSDP: by its reduce-scatter)
-            average = contextlib.nullcontext if layerwise else lambda: data_parallel(params)
+        # ``averaged``: the parameters whose gradients the hooks average over processes as autograd makes
+        # them (None: FSDP reduce-scatters them itself); under FSDP the shards' .grad are set on leaving
+        with self.sharding.step() if self.sharding else contextlib.nullcontext(self.params) as averaged:
+            average = contextlib.nullcontext if averaged is None else lambda: data_parallel(averaged)
             for micro in range(self.config.grad_accum):
                 forget = self.forget.next_batch(self.device, extra={"ref_nll": self.ref_nll} if self.ref_nll is not None else None)
                 retain = self.retain.next_batch(self.device) if self.retain else None
@@ -251,8 +250,6 @@ class Trainer:
                 tokens += sum(int(b["attention_mask"].sum()) for b in [forget, retain, *envs] if b is not None)
                 for k, v in metrics.items():
                     totals[k] = totals.get(k, 0.0) + v / self.config.grad_accum
-            if self.sharding and not layerwise:  # keep this process's shard of the averaged gradients
-                self.sharding.gradients_to_shards(params)
         with torch.no_grad():
             for p in self.params:
                 if p.grad is None:
