@@ -147,6 +147,8 @@ def test_bf16_with_master_weights_and_weight_averaging(tmp_path):
         (["batch_size=two"], "batch_size: must be int"),
         (["irm=logit"], "irm_weight must be > 0"),
         (["sam_adaptive=maybe"], "sam_adaptive: must be true or false"),
+        (["parallel=zero3"], "parallel: must be one of ddp, fsdp"),
+        (["parallel=fsdp", "lora_r=4"], "parallel: fsdp shards full fine-tuning only"),
     ],
 )
 def test_bad_config_is_refused_naming_the_key(overrides, match):

@@ -7,6 +7,8 @@ OUTPUT/checkpoint-STEP/ holds
   state.json             step, config, optimizer scalars and param groups, scheduler, data positions
 A checkpoint is written into a temporary directory, flushed, then renamed: a
 crash at any moment leaves the previous checkpoint whole (no pickle anywhere).
+Sharded runs (FSDP) pass the gathered tensors (``model_tensors``, ``optimizer_state``)
+and a function that cuts the loaded ones back into shards: the files are the same.
 """
 from __future__ import annotations
 
@@ -48,11 +50,12 @@ def optimizer_tensors(optimizer) -> tuple[dict, dict]:
     return tensors, {"scalars": scalars, "param_groups": sd["param_groups"]}
 
 
-def restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
+def restore_optimizer(optimizer, tensors: dict, meta: dict, to_local=None) -> None:
+    """``to_local(param index, tensor)``: this process's part of a saved tensor (sharded parameters)."""
     state: dict = {}
     for key, value in tensors.items():
         idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
+        state.setdefault(int(idx), {})[name] = to_local(int(idx), value) if to_local else value
     for key, value in meta["scalars"].items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
@@ -83,15 +86,26 @@ def restore_rng(tensors: dict, meta: dict) -> None:
 
 
 def save_checkpoint(output: Path, step: int, *, model, optimizer, scheduler, state: dict,
-                    extra_tensors: dict | None = None, keep: int = 2) -> Path:
+                    extra_tensors: dict | None = None, keep: int = 2, model_tensors: dict | None = None,
+                    optimizer_state: tuple[dict, dict] | None = None) -> Path:
+    """``model_tensors`` / ``optimizer_state`` (as ``optimizer_tensors`` returns it) replace what would be
+    read from ``model`` / ``optimizer``: a sharded run passes them gathered."""
     output = Path(output)
     final = output / f"{PREFIX}{step}"
     tmp = output / f".tmp-{PREFIX}{step}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    opt_tensors, opt_meta = optimizer_tensors(optimizer)
+    if model_tensors is None:
+        save_model(model, str(tmp / "model.safetensors"))
+    else:
+        seen, unique = set(), {}
+        for k, v in model_tensors.items():  # a tied weight once (safetensors refuses shared tensors)
+            if id(v) not in seen:
+                seen.add(id(v))
+                unique[k] = v.detach().contiguous().cpu()
+        save_file(unique, str(tmp / "model.safetensors"))
+    opt_tensors, opt_meta = optimizer_state or optimizer_tensors(optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng_tensors, rng_meta = rng_state()
     extra = {f"rng.{k}": v for k, v in rng_tensors.items()}
@@ -123,14 +137,26 @@ def list_checkpoints(output: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> tuple[dict, dict]:
-    """Restore model, optimizer, scheduler and RNG in place; return (state.json, extra tensors)."""
+def load_checkpoint(path: Path, *, model, optimizer, scheduler, sharding=None) -> tuple[dict, dict]:
+    """Restore model, optimizer, scheduler and RNG in place; return (state.json, extra tensors).
+
+    ``sharding`` (``distributed.FSDPSharding``): load the full tensors into this process's shards.
+    """
     path = Path(path)
     meta = json.loads((path / "state.json").read_text())
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-    if unexpected:
-        raise ValueError(f"checkpoint {path} does not match the model: unexpected tensors {unexpected[:5]}")
-    restore_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), meta["optimizer"])
+    if sharding is None:
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+        if unexpected:
+            raise ValueError(f"checkpoint {path} does not match the model: unexpected tensors {unexpected[:5]}")
+    else:
+        missing = sharding.load_full_state_dict(load_file(str(path / "model.safetensors")))
+        if missing:
+            raise ValueError(f"checkpoint {path} does not match the model: missing tensors {missing[:5]}")
+    to_local = None
+    if sharding is not None:
+        def to_local(i, t):
+            return sharding.shard(i, t) if t.shape == sharding.sharded[i].shape else t
+    restore_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), meta["optimizer"], to_local)
     scheduler.load_state_dict(meta["scheduler"])
     extra = load_file(str(path / "extra.safetensors"))
     restore_rng({k[4:]: v for k, v in extra.items() if k.startswith("rng.")}, meta["rng"])

@@ -68,10 +68,16 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     device: str = "auto"
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicated weights) or "fsdp" (FSDP2: sharded between steps)
 
     def __post_init__(self):
         _choose("dtype", self.dtype, ("float32", "bfloat16"))
         _choose("schedule", self.schedule, ("linear", "constant"))
+        _choose("parallel", self.parallel, ("ddp", "fsdp"))
+        if self.parallel == "fsdp" and self.lora_r > 0:
+            raise ConfigError("parallel: fsdp shards full fine-tuning only; use parallel: ddp with lora_r > 0")
+        if self.parallel == "fsdp" and self.wa_start >= 0:
+            raise ConfigError("parallel: fsdp does not support weight averaging (wa_start >= 0) yet; use parallel: ddp")
         for key in ("max_steps", "batch_size", "grad_accum", "save_every", "max_length", "log_every", "wa_every",
                     "keep_checkpoints"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:

@@ -5,12 +5,15 @@
         average .grad over micro-batches (and processes), stop on a non-finite loss
         clip, optimizer step, scheduler step, weight average, log, checkpoint
 
-Resuming from OUTPUT/checkpoint-STEP restores weights, optimizer, scheduler, RNG
+Under ``torchrun`` the processes split every batch (``parallel: ddp``: replicated
+weights; ``parallel: fsdp``: FSDP2, weights sharded between steps; see
+``distributed``). Resuming from OUTPUT/checkpoint-STEP restores weights, optimizer, scheduler, RNG
 and data positions, so a killed and resumed run ends bit-identical to an
 uninterrupted one (CPU).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,15 +24,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import optim
+from .. import ops, optim
 from ..averaging import WeightAverager
 from ..lm import trainable_parameters
 from ..reference_nll import reference_nll
 from ..step import unlearning_gradients
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import list_checkpoints, load_checkpoint, optimizer_tensors, save_checkpoint
 from .config import TrainConfig
 from .data import BatchStream
-from .distributed import broadcast_parameters, data_parallel, is_distributed
+from .distributed import broadcast_parameters, data_parallel, is_distributed, shard_model
 
 
 class NonFiniteLoss(RuntimeError):
@@ -47,6 +50,15 @@ def lr_lambda(config: TrainConfig):
         return max(0.0, (config.max_steps - step) / max(1, config.max_steps - warmup))
 
     return factor
+
+
+def backward_only(objective) -> bool:
+    """Whether the objective's gradient comes from ``backward()`` alone: no ``autograd.grad`` with respect to
+    the parameters and no weights moved in place (SAM, GP, RS, CR, parameter IRM and RMU's frozen copy
+    need both). Such objectives can run FSDP layer by layer."""
+    return (objective.method != "rmu" and objective.sam_rho == 0 and objective.gp_weight == 0
+            and objective.rs_samples == 0 and objective.cr_weight == 0
+            and objective.irm in (None, "logit", "logit_unbiased"))
 
 
 def distributed() -> bool:
@@ -126,7 +138,12 @@ class Trainer:
             enable_gradient_checkpointing(model)
         if self.world > 1:  # every process starts from rank 0's weights
             broadcast_parameters(model)
-        self.params = trainable_parameters(model)
+        self.architecture = type(model).__name__  # before FSDP renames the class
+        self.sharding = None
+        if self.world > 1 and config.parallel == "fsdp":
+            self.sharding = shard_model(model, layerwise=backward_only(self.objective))
+        # the optimizer's parameters: the model's own, or under FSDP this process's shards of them
+        self.params = self.sharding.local_params if self.sharding else trainable_parameters(model)
         self.master = MasterWeights(self.params) if config.master_weights else None
         opt_params = self.master.masters if self.master else self.params
         self.optimizer = (optimizer or adamw)(opt_params, config)
@@ -136,23 +153,32 @@ class Trainer:
         self.step = 0
 
     # -- setup ---------------------------------------------------------------------------------
+    def _gathered(self):
+        """Full weights on every process for the block (FSDP); nothing to do otherwise."""
+        return self.sharding.gathered() if self.sharding else contextlib.nullcontext()
+
     def _reference_nll(self):
         if self.objective.needs_ref_nll:
             cache = self.output / "ref_nll" if self.rank == 0 else None  # one writer; the others recompute
-            self.ref_nll = reference_nll(self.model, self.forget.examples, batch_size=self.config.batch_size,
+            if self.sharding:  # the cache key reads model.state_dict(), which FSDP answers by resharding
+                cache = None
+            with self._gathered():
+                self.ref_nll = reference_nll(self.model, self.forget.examples, batch_size=self.config.batch_size,
                                          cache_dir=cache, pad_token_id=self.forget.pad)
 
     def _resume(self) -> None:
         found = list_checkpoints(self.output)
         if not found:
             return
-        meta, extra = load_checkpoint(found[-1], model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        meta, extra = load_checkpoint(found[-1], model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                      sharding=self.sharding)
         self.step = meta["step"]
         for stream, state in zip(self._streams(), meta["streams"]):
             stream.load_state_dict(state)
         if self.master:
             for i, m in enumerate(self.master.masters):
-                m.data.copy_(extra[f"master.{i}"])
+                saved = extra[f"master.{i}"]
+                m.data.copy_(self.sharding.shard(i, saved) if self.sharding else saved)
         if self.averager and meta.get("averager"):
             self.averager.count = meta["averager"]["count"]
             self.averager.average = {k[3:]: v for k, v in extra.items() if k.startswith("wa.")}
@@ -185,6 +211,8 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.model.zero_grad(set_to_none=True)
+            for p in self.params:  # FSDP's local shards are not the model's parameters (bf16 + masters: not the optimizer's)
+                p.grad = None
             self.step += 1
             if self.averager:
                 self.averager.update(self.model, self.step)
@@ -208,16 +236,20 @@ class Trainer:
     def _accumulate(self) -> tuple[dict, int]:
         totals: dict = {}
         tokens = 0
-        for micro in range(self.config.grad_accum):
-            forget = self.forget.next_batch(self.device, extra={"ref_nll": self.ref_nll} if self.ref_nll is not None else None)
-            retain = self.retain.next_batch(self.device) if self.retain else None
-            envs = [e.next_batch(self.device) for e in self.envs]
-            with data_parallel(self.params):  # gradients averaged over processes as autograd makes them
-                metrics = unlearning_gradients(self.model, forget, retain, envs, self.objective,
-                                               ref_model=self.ref_model, step=self.step * self.config.grad_accum + micro)
-            tokens += sum(int(b["attention_mask"].sum()) for b in [forget, retain, *envs] if b is not None)
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + v / self.config.grad_accum
+        # ``averaged``: the parameters whose gradients the hooks average over processes as autograd makes
+        # them (None: FSDP reduce-scatters them itself); under FSDP the shards' .grad are set on leaving
+        with self.sharding.step() if self.sharding else contextlib.nullcontext(self.params) as averaged:
+            average = contextlib.nullcontext if averaged is None else lambda: data_parallel(averaged)
+            for micro in range(self.config.grad_accum):
+                forget = self.forget.next_batch(self.device, extra={"ref_nll": self.ref_nll} if self.ref_nll is not None else None)
+                retain = self.retain.next_batch(self.device) if self.retain else None
+                envs = [e.next_batch(self.device) for e in self.envs]
+                with average():
+                    metrics = unlearning_gradients(self.model, forget, retain, envs, self.objective, ref_model=self.ref_model,
+                                                   step=self.step * self.config.grad_accum + micro)
+                tokens += sum(int(b["attention_mask"].sum()) for b in [forget, retain, *envs] if b is not None)
+                for k, v in metrics.items():
+                    totals[k] = totals.get(k, 0.0) + v / self.config.grad_accum
         with torch.no_grad():
             for p in self.params:
                 if p.grad is None:
@@ -238,26 +270,46 @@ class Trainer:
             raise NonFiniteLoss(f"non-finite {', '.join(bad)} at step {self.step + 1}: stopping; {where}")
 
     def _clip(self) -> float:
-        if self.config.clip > 0:
+        if self.sharding:  # sharded gradients: the multi-tensor norm all-reduces the squared norm over processes
+            grads = [p.grad for p in self.params]
+            norm = ops.global_grad_norm(grads)
+            if self.config.clip > 0:  # as torch.nn.utils.clip_grad_norm_
+                torch._foreach_mul_(grads, torch.clamp(self.config.clip / (norm + 1e-6), max=1.0))
+        elif self.config.clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.clip)
         else:
             norm = torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in self.params]))
         return float(norm)
 
     # -- output --------------------------------------------------------------------------------
+    def _gather_for_save(self) -> dict:
+        """FSDP: full model, optimizer state and master weights (collectives: every process calls this)."""
+        if not self.sharding:
+            return {}
+        tensors, meta = optimizer_tensors(self.optimizer)
+        for key in sorted(tensors):  # the same order on every process
+            i = int(key.split(".", 1)[0])
+            if tensors[key].dim() > 0 and tensors[key].shape == self.params[i].shape:
+                tensors[key] = self.sharding.full(i, tensors[key])
+        masters = [self.sharding.full(i, m) for i, m in enumerate(self.master.masters)] if self.master else []
+        return dict(model_tensors=self.sharding.full_state_dict(), optimizer_state=(tensors, meta), masters=masters)
+
     def save(self) -> Path | None:
+        gathered = self._gather_for_save()
+        masters = gathered.pop("masters", None)
         if self.rank != 0:
             return self._barrier()
         extra = {}
         if self.master:
-            extra.update({f"master.{i}": m.detach() for i, m in enumerate(self.master.masters)})
+            masters = masters or [m.detach() for m in self.master.masters]
+            extra.update({f"master.{i}": m for i, m in enumerate(masters)})
         state = {"streams": [s.state_dict() for s in self._streams()], "config": self.config.to_dict()}
         if self.averager:
             extra.update({f"wa.{k}": v for k, v in self.averager.average.items()})
             state["averager"] = {"count": self.averager.count}
         path = save_checkpoint(self.output, self.step, model=self.model, optimizer=self.optimizer,
                                scheduler=self.scheduler, state=state, extra_tensors=extra,
-                               keep=self.config.keep_checkpoints)
+                               keep=self.config.keep_checkpoints, **gathered)
         self._barrier()
         return path
 
@@ -267,6 +319,7 @@ class Trainer:
 
     def save_final(self) -> Path | None:
         """OUTPUT/final: the model in Hugging Face format (LoRA: merged into the base, adapters in final/adapter)."""
+        full = self.sharding.full_state_dict() if self.sharding else None  # FSDP: every process gathers
         if self.rank != 0:
             return self._barrier()
         final, tmp = self.output / "final", self.output / f".tmp-final-{os.getpid()}"
@@ -276,7 +329,11 @@ class Trainer:
             model.save_pretrained(tmp / "adapter", safe_serialization=True)
             model = model.merge_and_unload()  # replaces the LoRA layers in place: the run is over
             self.model = model
-        model.save_pretrained(tmp, safe_serialization=True)
+        if full is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            model.save_pretrained(tmp, state_dict=full, safe_serialization=True)
+            _fix_architecture(tmp / "config.json", type(model).__name__, self.architecture)
         if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(tmp)
         shutil.rmtree(final, ignore_errors=True)
@@ -304,6 +361,15 @@ class Trainer:
         except ImportError:
             return None
         return tqdm(total=self.config.max_steps, initial=self.step, desc=f"unlearn {self.config.method}", unit="step")
+
+
+def _fix_architecture(config_json: Path, written: str, original: str) -> None:
+    """FSDP renames the model's class (FSDPLlamaForCausalLM); config.json must name the original."""
+    if written == original or not config_json.exists():
+        return
+    data = json.loads(config_json.read_text())
+    data["architectures"] = [original if a == written else a for a in data.get("architectures") or []]
+    config_json.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _tensorboard(output: Path):
