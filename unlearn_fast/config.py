@@ -88,6 +88,14 @@ class UnlearnConfig:
     def needs_ref_nll(self) -> bool:
         return self.method == "npo"
 
+    @property
+    def backward_only(self) -> bool:
+        """Whether the gradient comes from ``backward()`` alone: no ``autograd.grad`` with respect to the
+        parameters and no weights moved in place (SAM, GP, RS, CR, parameter IRM and RMU's frozen copy
+        need both). Sharded training can then gather one layer at a time."""
+        return (self.method != "rmu" and self.sam_rho == 0 and self.gp_weight == 0 and self.rs_samples == 0
+                and self.cr_weight == 0 and self.irm in (None, "logit", "logit_unbiased"))
+
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]

@@ -52,15 +52,6 @@ def lr_lambda(config: TrainConfig):
     return factor
 
 
-def backward_only(objective) -> bool:
-    """Whether the objective's gradient comes from ``backward()`` alone: no ``autograd.grad`` with respect to
-    the parameters and no weights moved in place (SAM, GP, RS, CR, parameter IRM and RMU's frozen copy
-    need both). Such objectives can run FSDP layer by layer."""
-    return (objective.method != "rmu" and objective.sam_rho == 0 and objective.gp_weight == 0
-            and objective.rs_samples == 0 and objective.cr_weight == 0
-            and objective.irm in (None, "logit", "logit_unbiased"))
-
-
 def distributed() -> bool:
     return is_distributed()
 
@@ -141,7 +132,7 @@ class Trainer:
         self.architecture = type(model).__name__  # before FSDP renames the class
         self.sharding = None
         if self.world > 1 and config.parallel == "fsdp":
-            self.sharding = shard_model(model, layerwise=backward_only(self.objective))
+            self.sharding = shard_model(model, layerwise=self.objective.backward_only)
         # the optimizer's parameters: the model's own, or under FSDP this process's shards of them
         self.params = self.sharding.local_params if self.sharding else trainable_parameters(model)
         self.master = MasterWeights(self.params) if config.master_weights else None
