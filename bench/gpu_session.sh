@@ -7,7 +7,8 @@
 #   bash bench/gpu_session.sh e2e-8b    # bench/e2e.py --model-size 8b (does NPO+SAM+ILU fit one GPU?)
 #
 # Peers that the machine lacks travel as wheels in .whl/ (ignored by git; see the device tool's
-# README), e.g. liger-kernel and cut-cross-entropy, both pure-Python wheels. Results files land in
+# README), e.g. liger-kernel and cut-cross-entropy, both pure-Python wheels; they go on PYTHONPATH
+# before the package is installed, so a carried setuptools serves the build too. Results files land in
 # bench/results/ (commit them) and, when $OUT is set, are copied there with the logs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +19,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+# pyproject's license expression needs setuptools >= 77 (no index there: carry its wheel in .whl/ if older)
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null ||
+  { echo "editable install failed: is setuptools >= 77 there? carry its wheel in .whl/" >&2; exit 1; }
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())"
 marker=$(mktemp)  # results written after this are this stage's
 
