@@ -266,6 +266,8 @@ def plot(path: Path, payload: dict) -> Path:
               ("peak_extra_mb", "peak memory above model (MiB)")]
     if any("median_cpu_s" in v for v in variants.values()):
         panels.insert(1, ("median_cpu_s", "step time (s, median, process CPU time)"))
+    if any("peak_method_mb" in v for v in variants.values()):
+        panels.append(("peak_method_mb", "same, less gradients + AdamW state (MiB)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
     width = 0.38
     for ax, (key, label) in zip(axes, panels):
@@ -273,7 +275,7 @@ def plot(path: Path, payload: dict) -> Path:
             vals = [variants.get(f"{impl}_{m}", {}).get(key) or 0.0 for m in methods]
             xs = [i + (j - 0.5) * width for i in range(len(methods))]
             bars = ax.bar(xs, vals, width, label="unlearn_fast" if impl == "ours" else "reference")
-            ax.bar_label(bars, fmt="%.3g", fontsize=7)
+            ax.bar_label(bars, fmt="%.0f" if key.endswith("_mb") else "%.3g", fontsize=7)
         ax.margins(y=0.12)  # room for the bar labels
         ax.set_xticks(range(len(methods)), methods)
         ax.set_ylabel(label)
