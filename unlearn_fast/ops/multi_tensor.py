@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._checks import _triton_available
+
 _TINY = 1e-12
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "torch", "cpp", "triton")
@@ -128,7 +130,7 @@ def resolve_backend(backend, tensors, others=None) -> str:
         from unlearn_fast.flatten import flat_groups
 
         no_fp64 = all(t.dtype != torch.float64 for t in tensors + list(others or []))
-        if device.type == "cuda" and no_fp64 and flat_groups(tensors, others) is not None and _triton_importable():
+        if device.type == "cuda" and no_fp64 and flat_groups(tensors, others) is not None and _triton_available():
             return "triton"
         if _cpp_compatible(tensors, others) and _cpp_usable(device):
             return "cpp"
@@ -152,14 +154,6 @@ def _cpp_compatible(tensors, others) -> bool:
     if not all(t.is_contiguous() for t in tensors):
         return False
     return others is None or all(o.is_contiguous() and o.dtype == t.dtype for t, o in zip(tensors, others))
-
-
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # -- torch (foreach) path ------------------------------------------------------------------------
@@ -347,21 +341,19 @@ def fd_hvp_accumulate_(acc, g_moved, g_base, coeff, *, restore: SAMState | None 
     coeff_t = torch.as_tensor(coeff, dtype=torch.float32).to(device)
     engine = resolve_backend(backend, acc)
     same_dtypes = all(g.dtype == g_moved[0].dtype for g in g_moved)
-    if engine == "cpp" and restore is not None and restore.backend == "cpp" and restore.has_backup \
-            and not restore.restored and _cpp_compatible(g_moved, None) and same_dtypes:
-        from . import _cpp
-
-        _cpp.ops().fd_hvp_accumulate_(acc, [g.detach() for g in g_moved],
-                                      [g.detach() for g in g_base] if g_base is not None else [], coeff_t,
-                                      restore.params, restore.backup)
-        restore.backup = []
-        restore.restored = True
-        return
     if engine == "cpp" and _cpp_compatible(g_moved, None):
         from . import _cpp
 
+        # The restore joins the accumulation pass when the state's backup is a compiled-path one.
+        fused = (restore is not None and restore.backend == "cpp" and restore.has_backup and not restore.restored
+                 and same_dtypes)
         _cpp.ops().fd_hvp_accumulate_(acc, [g.detach() for g in g_moved],
-                                      [g.detach() for g in g_base] if g_base is not None else [], coeff_t, [], [])
+                                      [g.detach() for g in g_base] if g_base is not None else [], coeff_t,
+                                      restore.params if fused else [], restore.backup if fused else [])
+        if fused:
+            restore.backup = []
+            restore.restored = True
+            return
     else:
         diff = [g.detach().to(_opmath(a.dtype), copy=True) for a, g in zip(acc, g_moved)]
         if g_base is not None:
