@@ -16,6 +16,7 @@ import contextlib
 import torch
 
 from . import ops
+from .optim.sam import grads_of
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -25,11 +26,6 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
 
 def _global_norm(tensors) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(_wide(x)) for x in tensors])))
-
-
-def grads_of(loss: torch.Tensor, params) -> list[torch.Tensor]:
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return [g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads)]
 
 
 def accumulate(params, grads, scale: float) -> None:

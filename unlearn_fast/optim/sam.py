@@ -41,7 +41,8 @@ def _param_list(params) -> list[torch.Tensor]:
     return params
 
 
-def _grads(loss: torch.Tensor, params) -> list[torch.Tensor]:
+def grads_of(loss: torch.Tensor, params) -> list[torch.Tensor]:
+    """∇loss for every parameter as a list (zeros where the loss does not depend on it); ``.grad`` untouched."""
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return [g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads)]
 
@@ -128,7 +129,7 @@ class SAM:
             (retain_weight * retain).backward()
             out["retain_loss"] = retain.detach()
         forget = forget_closure()
-        direction = _grads(forget, self.params)
+        direction = grads_of(forget, self.params)
         state = self.perturb(direction, keep_backup=keep_backup)
         del direction
         perturbed = forget_closure()
@@ -161,7 +162,7 @@ def restore_from_masters(state: ops.SAMState, masters) -> None:
 def _grads_while_moved(params, loss_fn, state: ops.SAMState) -> list[torch.Tensor]:
     """∇ℓ at the moved weights; the caller restores them (with its accumulate step), or this does on error."""
     try:
-        return _grads(loss_fn(), params)
+        return grads_of(loss_fn(), params)
     except BaseException:
         ops.sam_restore_(state)
         raise
@@ -184,7 +185,7 @@ def fd_hvp(params, loss_fn: Callable[[], torch.Tensor], vector, r: float = 1e-3,
         raise ValueError(f"vector must have one tensor per parameter ({len(params)}), got {len(vector)}")
     if not r > 0:
         raise ValueError(f"r must be positive, got {r!r}")
-    g0 = _grads(loss_fn(), params) if grads is None else list(grads)
+    g0 = grads_of(loss_fn(), params) if grads is None else list(grads)
     acc = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
     state = ops.sam_perturb_(params, vector, r, backend=backend)
     g1 = _grads_while_moved(params, loss_fn, state)
@@ -203,7 +204,7 @@ def gradient_penalty_grad(params, loss_fn: Callable[[], torch.Tensor], gamma: fl
     if not r > 0:
         raise ValueError(f"r must be positive, got {r!r}")
     loss = loss_fn()
-    g0 = _grads(loss, params)
+    g0 = grads_of(loss, params)
     acc = [g.detach().to(torch.promote_types(g.dtype, torch.float32), copy=True) for g in g0]
     state = ops.sam_perturb_(params, g0, r, backend=backend)
     g1 = _grads_while_moved(params, loss_fn, state)
