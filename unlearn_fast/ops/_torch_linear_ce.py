@@ -317,9 +317,9 @@ def irm_penalty_pass(h, weight, bias, target, env, half, num_envs: int, *, chunk
             d_w = g_w.mul_(slope) if d_w is None else d_w.add_(g_w.mul_(slope))
             if g_b is not None:
                 d_b = g_b.mul_(slope) if d_b is None else d_b.add_(g_b.mul_(slope))
-        counts = sum(int(m.sum()) for m in groups)
-        env_ce[e] /= max(counts, 1)
-        env_s[e] /= max(counts, 1)
+        count = max(sum(rows.numel() for rows, _, _ in done), 1)
+        env_ce[e] /= count
+        env_s[e] /= count
     if d_w is None:  # no labelled token at all
         d_w = torch.zeros(weight.shape, dtype=compute, device=h.device)
         d_b = torch.zeros(weight.shape[0], dtype=compute, device=h.device) if bias is not None else None

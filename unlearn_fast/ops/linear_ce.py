@@ -280,13 +280,17 @@ def linear_cross_entropy_irm(
     over two halves of each environment (see ``_unbiased_halves``). An environment
     without non-ignored tokens contributes 0 everywhere.
     """
-    h, y, env_id, half, backend = _prepare_irm(input, linear_weight, target, env, num_envs, linear_bias,
-                                                ignore_index, backend, unbiased)
+    prepared = _prepare_irm(input, linear_weight, target, env, num_envs, linear_bias, ignore_index, backend, unbiased)
+    return _irm_of_rows(*prepared, linear_weight, linear_bias, num_envs, ignore_index, chunk_size)
+
+
+def _irm_of_rows(h, y, env_id, half, backend, linear_weight, linear_bias, num_envs, ignore_index, chunk_size):
+    """linear_cross_entropy_irm on prepared labelled rows (``_prepare_irm``)."""
     ce, m = _token_stats(h, linear_weight, linear_bias, y, ignore_index, backend, chunk_size, need_m=True)
     count = torch.zeros(num_envs, dtype=torch.long, device=h.device).index_add_(0, env_id, torch.ones_like(env_id))
     env_loss = _per_group_mean(ce, env_id, count)
     scale_grad = _per_group_mean(m, env_id, count)
-    if unbiased:
+    if half is not None:  # the unbiased penalty
         group = env_id * 2 + half
         half_count = torch.zeros(2 * num_envs, dtype=torch.long, device=h.device).index_add_(
             0, group, torch.ones_like(group))
@@ -354,9 +358,7 @@ def irm_penalty(
     h, y, env_id, half, resolved = _prepare_irm(input, linear_weight, target, env, num_envs, linear_bias,
                                                 ignore_index, backend, unbiased)
     if resolved != "torch" or not needs_grad:
-        out = linear_cross_entropy_irm(input, linear_weight, target, env, num_envs=num_envs, linear_bias=linear_bias,
-                                       ignore_index=ignore_index, unbiased=unbiased, backend=backend,
-                                       chunk_size=chunk_size)
+        out = _irm_of_rows(h, y, env_id, half, resolved, linear_weight, linear_bias, num_envs, ignore_index, chunk_size)
         return IRMOutput(out.env_loss.detach(), out.env_scale_grad.detach(), out.penalty)
     penalty, env_loss, scale_grad = _IRMPenalty.apply(h, linear_weight, linear_bias, y, env_id, half, num_envs,
                                                       chunk_size)
