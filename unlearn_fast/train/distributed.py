@@ -217,8 +217,7 @@ class FSDPSharding:
         with torch.no_grad():
             for local, sharded in zip(self.local_params, self.sharded):
                 if sharded.grad is not None:
-                    grad = sharded.grad.to_local()
-                    local.grad = grad.clone() if local.grad is None else local.grad.add_(grad)
+                    _add_grad(local, sharded.grad.to_local())
                     sharded.grad = None
 
     def full_parameters(self) -> list[torch.Tensor]:
@@ -232,8 +231,7 @@ class FSDPSharding:
         for i, (local, full) in enumerate(zip(self.local_params, full_params)):
             if full.grad is None:
                 continue
-            shard = self.shard(i, full.grad).to(local.dtype)
-            local.grad = shard.clone() if local.grad is None else local.grad.add_(shard)
+            _add_grad(local, self.shard(i, full.grad).to(local.dtype))
             full.grad = None
 
     def shard(self, i: int, full: torch.Tensor) -> torch.Tensor:
@@ -282,6 +280,11 @@ class FSDPSharding:
                 value.copy_(full)
             loaded.add(id(value))
         return [group[0] for key, group in names.items() if key not in loaded]
+
+
+def _add_grad(local: torch.Tensor, grad: torch.Tensor) -> None:
+    """local.grad += grad (micro-batches accumulate), as an owned copy on the first one."""
+    local.grad = grad.clone() if local.grad is None else local.grad.add_(grad)
 
 
 def shard_model(model: torch.nn.Module, *, layerwise: bool = False) -> FSDPSharding:
