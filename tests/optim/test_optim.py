@@ -42,17 +42,22 @@ def grads_for(params, step):
 
 # -- FusedAdamW ----------------------------------------------------------------------------------
 
+def step_both(pairs, steps):
+    """The same gradients into each (params, optimizer) pair, then a step of each, for every step in ``steps``."""
+    for step in steps:
+        for ps, _ in pairs:
+            for p, g in zip(ps, grads_for(ps, step)):
+                p.grad = g
+        for _, opt in pairs:
+            opt.step()
+
+
 def test_fused_adamw_matches_torch_adamw_20_steps(engine):
     ours, ref = make_params(), make_params()
     kw = dict(lr=3e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
     opt = uf.optim.FusedAdamW(ours, **kw, backend=engine)
     opt_ref = torch.optim.AdamW(ref, **kw, foreach=False)
-    for step in range(20):
-        for ps in (ours, ref):
-            for p, g in zip(ps, grads_for(ps, step)):
-                p.grad = g
-        opt.step()
-        opt_ref.step()
+    step_both([(ours, opt), (ref, opt_ref)], range(20))
     for a, b in zip(ours, ref):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
     assert not any(torch.allclose(a, s) for a, s in zip(ours, make_params()))  # the weights did move
@@ -65,20 +70,12 @@ def test_fused_adamw_state_dict_moves_to_and_from_torch_adamw(engine):
     kw = dict(lr=1e-2, weight_decay=0.05)
     ref = make_params()
     opt_ref = torch.optim.AdamW(ref, **kw, foreach=False)
-    for step in range(3):
-        for p, g in zip(ref, grads_for(ref, step)):
-            p.grad = g
-        opt_ref.step()
+    step_both([(ref, opt_ref)], range(3))
     ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
     opt = uf.optim.FusedAdamW(ours, lr=0.5, backend=engine)  # hyper-parameters come from the state dict
     opt.load_state_dict(copy.deepcopy(opt_ref.state_dict()))  # as from a checkpoint: no shared tensors
     assert opt.param_groups[0]["lr"] == 1e-2
-    for step in range(3, 6):
-        for ps in (ours, ref):
-            for p, g in zip(ps, grads_for(ps, step)):
-                p.grad = g
-        opt.step()
-        opt_ref.step()
+    step_both([(ours, opt), (ref, opt_ref)], range(3, 6))
     for a, b in zip(ours, ref):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
     back = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in ours], lr=1.0)
