@@ -24,8 +24,6 @@ import torch
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 REPO = BENCH_DIR.parent
-if str(REPO) not in sys.path:  # so that bench scripts can import the references kept in tests/
-    sys.path.insert(0, str(REPO))
 
 
 def device_name(device: torch.device) -> str:

@@ -47,7 +47,7 @@ def make_inputs(shapes, device):
 
 def loss_fn(variant, h, w, y, env, envs):
     import unlearn_fast as uf
-    from tests.reference import naive_irm
+    from unlearn_fast.testing.reference import naive_irm
 
     if variant == "naive_ce":
         return lambda: F.cross_entropy(F.linear(h, w).float(), y)

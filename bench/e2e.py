@@ -134,7 +134,7 @@ def ours_stepper(model, method, forget_batches):
 
 def ref_stepper(model, method):
     from reference_unlearn import ReferenceUnlearner
-    from unlearn_fast.rmu import steering_vector
+    from unlearn_fast.objectives.rmu import steering_vector
 
     hp = HPARAMS
     if method == "rmu":

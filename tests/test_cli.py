@@ -54,15 +54,24 @@ def test_delegation_to_a_missing_module_and_a_missing_bench(tmp_path, capsys, mo
 
     assert cli._delegate("unlearn_fast.no_such_module", "eval_main", []) == 2
     assert "unlearn_fast.no_such_module is not part of this installation" in one_error_line(capsys)
-    monkeypatch.chdir(tmp_path)  # no bench/e2e.py here
+    monkeypatch.setattr(cli, "CHECKOUT", tmp_path)  # an installed package without its checkout
     assert main(["bench"]) == 2
     assert "bench/e2e.py not found" in one_error_line(capsys)
+
+
+def test_bench_finds_the_checkout_from_any_directory(tmp_path, monkeypatch):
+    from unlearn_fast import cli
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.bench_script() == Path(__file__).resolve().parent.parent / "bench" / "e2e.py"
 
 
 def test_bench_runs_the_checkout_script_with_its_arguments(tmp_path, monkeypatch, capsys):
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "e2e.py").write_text("import sys\nprint('e2e', sys.argv[1:])\nsys.exit(3)\n")
-    monkeypatch.chdir(tmp_path)
+    from unlearn_fast import cli
+
+    monkeypatch.setattr(cli, "CHECKOUT", tmp_path)
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     assert main(["bench", "--quick"]) == 3
     assert "e2e ['--quick']" in capsys.readouterr().out

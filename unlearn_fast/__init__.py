@@ -2,12 +2,12 @@
 import importlib
 
 from . import ops, optim
-from .averaging import WeightAverager
-from .config import UnlearnConfig
+from .optim.averaging import WeightAverager
+from .objectives.config import UnlearnConfig
 from .flatten import FlatParameters, flatten_parameters
-from .reference_nll import reference_nll
-from .rmu import rmu_trainable
-from .step import unlearning_gradients
+from .objectives.reference_nll import reference_nll
+from .objectives.rmu import rmu_trainable
+from .objectives.step import unlearning_gradients
 
 __version__ = "0.1.0"
 

@@ -3,8 +3,8 @@
     unlearn-fast train CONFIG.yaml [--set key=value ...] [--output DIR] [--resume DIR]
     unlearn-fast train --preset tiny [--set key=value ...]
     unlearn-fast train --resume DIR                 # the config stored in DIR/config.json
-    unlearn-fast eval ARGS...  /  run ARGS...       # unlearn_fast.eval.run
-    unlearn-fast bench ARGS...                      # bench/e2e.py of the current checkout
+    unlearn-fast eval ARGS...  /  run ARGS...       # unlearn_fast.recipes.run / .eval
+    unlearn-fast bench ARGS...                      # bench/e2e.py of the package's checkout
 
 Under ``torchrun`` every process runs the same command (data parallel).
 A bad key or value exits with code 2 and one line naming it; no traceback.
@@ -39,7 +39,7 @@ def train_parser() -> argparse.ArgumentParser:
 
 def read_train_config(args):
     """(TrainConfig, output directory) from the parsed ``train`` arguments; ConfigError on bad input."""
-    from .presets import preset
+    from .recipes.presets import preset
     from .train.config import ConfigError, build_config, load_config
 
     if args.config and args.preset:
@@ -119,14 +119,24 @@ def _delegate(module: str, function: str, argv) -> int:
     return int(result or 0)
 
 
+CHECKOUT = Path(__file__).resolve().parent.parent  # the source checkout of an editable install
+
+
+def bench_script() -> Path | None:
+    """bench/e2e.py of the checkout this package was imported from (whatever the current directory)."""
+    script = CHECKOUT / "bench" / "e2e.py"
+    return script if script.is_file() else None
+
+
 def bench_main(argv) -> int:
     import runpy
 
-    script = Path.cwd() / "bench" / "e2e.py"
-    if not script.is_file():
-        return _fail(f"bench: {script} not found; run from a checkout of unlearn_fast that has bench/e2e.py")
+    script = bench_script()
+    if script is None:
+        return _fail(f"bench: {CHECKOUT / 'bench' / 'e2e.py'} not found: the benchmarks ship with the source "
+                     "checkout, not the installed package; pip install -e CHECKOUT and run it again")
     sys.argv = [str(script), *argv]
-    sys.path.insert(0, str(Path.cwd()))
+    sys.path.insert(0, str(script.parent))
     try:
         runpy.run_path(str(script), run_name="__main__")
     except SystemExit as exc:
@@ -136,8 +146,8 @@ def bench_main(argv) -> int:
 
 COMMANDS = {
     "train": train_main,
-    "eval": lambda argv: _delegate("unlearn_fast.eval.run", "eval_main", argv),
-    "run": lambda argv: _delegate("unlearn_fast.eval.run", "run_main", argv),
+    "eval": lambda argv: _delegate("unlearn_fast.recipes.eval", "eval_main", argv),
+    "run": lambda argv: _delegate("unlearn_fast.recipes.run", "run_main", argv),
     "bench": bench_main,
 }
 

@@ -87,7 +87,7 @@ def test_reference_gradients_match_ours():
     import torch
 
     import unlearn_fast as uf
-    from tests.tiny import make_batch, tiny_llama
+    from unlearn_fast.testing.tiny import make_batch, tiny_llama
 
     sys.path.insert(0, str(BENCH))
     from reference_unlearn import ReferenceUnlearner
@@ -117,7 +117,7 @@ def test_reference_gradients_match_ours():
     twin = tiny_llama(layers=3)
     uf.rmu_trainable(twin, 1, span=2)
     config = uf.UnlearnConfig(method="rmu", rmu_layer=1, rmu_steering=3.0, rmu_alpha=10.0, compat="reference")
-    u = uf.rmu.steering_vector(32, 0, "cpu", torch.float32)
+    u = uf.objectives.rmu.steering_vector(32, 0, "cpu", torch.float32)
     ref = ReferenceUnlearner(twin, "rmu", rmu_layer=1, rmu_steering=3.0, rmu_alpha=10.0, steering=u)
     ours = _grads_after(rmu_model, lambda: uf.unlearning_gradients(rmu_model, forget, retain, config=config))
     theirs = _grads_after(twin, lambda: ref.gradients(forget, retain))

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from tests.tiny import tiny_llama
+from unlearn_fast.testing.tiny import tiny_llama
 from unlearn_fast.eval.attacks import (FinetuneSpec, RelearnSpec, finetune_attack, quantize_tensor, quantized_copy,
                                        relearn_attack, relearn_split)
 
@@ -62,14 +62,14 @@ def test_relearn_split_is_disjoint_and_seeded():
 # ---- attacks on a tiny model taught a tiny corpus, then plainly unlearned with gradient ascent
 @pytest.fixture(scope="module")
 def taught():
-    from unlearn_fast.eval.corpus import build_corpus
-    from unlearn_fast.eval.model import ModelSpec, TeachSpec, build_llama, teach
-    from unlearn_fast.eval.run import Data
-    from unlearn_fast.eval.tokenizer import WordTokenizer
+    from unlearn_fast.data.corpus import build_corpus
+    from unlearn_fast.recipes.teach import ModelSpec, TeachSpec, build_model, teach
+    from unlearn_fast.recipes.run import Data
+    from unlearn_fast.data.tokenizer import WordTokenizer
 
     corpus = build_corpus(0, num_entities=16, forget_entities=6, general=20, utility=5, env_train=40, env_test=16)
     tok = WordTokenizer.from_texts(corpus.all_texts())
-    model = build_llama(ModelSpec(), len(tok), seed=0)  # the default model's shape (a smaller one hardly relearns)
+    model = build_model(ModelSpec(), len(tok), seed=0)  # the default model's shape (a smaller one hardly relearns)
     info = teach(model, tok, corpus, TeachSpec(lr=3e-3, batch_size=32, text_per_batch=4, env_per_batch=0,
                                                max_steps=300, min_steps=20, eval_every=10, target=1.0),
                  progress=lambda m: None)
@@ -79,7 +79,7 @@ def taught():
 
 def test_relearning_brings_back_what_gradient_ascent_hid(taught):
     from unlearn_fast.eval.metrics import answer_accuracy
-    from unlearn_fast.eval.run import UnlearnSpec, unlearn
+    from unlearn_fast.recipes.run import UnlearnSpec, unlearn
 
     model, data = taught
     ga = copy.deepcopy(model)

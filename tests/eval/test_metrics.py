@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from types import SimpleNamespace
 
-from tests.tiny import tiny_llama
+from unlearn_fast.testing.tiny import tiny_llama
 from unlearn_fast.eval.metrics import (answer_accuracy, answer_scores, greedy_generate, lcs_length, perplexity,
                                        rouge_l, verbmem)
 

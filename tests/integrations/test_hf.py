@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import unlearn_fast as uf
-from tests.tiny import make_batch, tiny_llama
+from unlearn_fast.testing.tiny import make_batch, tiny_llama
 from unlearn_fast.integrations import hf
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import unlearn_fast as uf
-from tests.reference import naive_irm, naive_linear_ce, naive_sequence_nll
+from unlearn_fast.testing.reference import naive_irm, naive_linear_ce, naive_sequence_nll
 
 N, H, V, E = 47, 31, 123, 3  # odd shapes on purpose
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

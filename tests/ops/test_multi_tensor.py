@@ -10,7 +10,7 @@ import torch
 
 import unlearn_fast as uf
 from tests.conftest import HAS_TRITON
-from tests.reference_sam import max_ulps, naive_global_norm, naive_perturbed
+from unlearn_fast.testing.reference_sam import max_ulps, naive_global_norm, naive_perturbed
 
 SHAPES = [(7, 5), (13,), (3, 4, 5), (1,), (64, 33), (2, 1, 9)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

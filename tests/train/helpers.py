@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.tiny import tiny_llama
+from unlearn_fast.testing.tiny import tiny_llama
 
 
 class CharTokenizer:

@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from tests.train.helpers import equal_length_examples
-from tests.tiny import tiny_llama
+from unlearn_fast.testing.tiny import tiny_llama
 
 STEPS = 3
 CONFIG = {"method": "npo", "sam_rho": 0.05, "retain_weight": 0.5, "lr": 0.05, "max_steps": STEPS,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import unlearn_fast as uf
-from tests.tiny import make_batch, tiny_llama
+from unlearn_fast.testing.tiny import make_batch, tiny_llama
 from tests.train.helpers import setup, weights
 from unlearn_fast.train import Trainer, build_config
 from unlearn_fast.train.trainer import enable_gradient_checkpointing

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from tests.train.helpers import equal_length_examples
 from tests.train.test_distributed import CONFIG, free_port
-from tests.tiny import tiny_llama
+from unlearn_fast.testing.tiny import tiny_llama
 
 RUNS = {"npo": dict(sam_rho=0.0), "npo_sam": dict(sam_rho=0.05)}
 BF16 = dict(dtype="bfloat16", master_weights=True, grad_accum=2, clip=0.0, max_steps=2, sam_rho=0.0)

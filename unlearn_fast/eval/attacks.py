@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..reference_nll import collate
+from ..data.collate import collate
 from .metrics import answer_accuracy
 
 

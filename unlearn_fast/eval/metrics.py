@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from ..reference_nll import collate
+from ..data.collate import collate
 
 
 def encode_qa(records, tokenizer, *, eos: bool = True, max_length: int = 256) -> list[dict]:

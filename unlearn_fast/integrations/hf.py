@@ -36,10 +36,10 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..config import UnlearnConfig
-from ..lm import lm_parts, shift, trainable_parameters
-from ..reference_nll import collate
-from ..step import unlearning_gradients
+from ..objectives.config import UnlearnConfig
+from ..objectives.lm import lm_parts, shift, trainable_parameters
+from ..data.collate import collate
+from ..objectives.step import unlearning_gradients
 from ..train.distributed import data_parallel
 
 _ATTR = "_unlearn_fast_hf_forward"

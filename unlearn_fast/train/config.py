@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields
 
-from ..config import UnlearnConfig
+from ..objectives.config import UnlearnConfig
 
 
 class ConfigError(ValueError):

@@ -57,7 +57,7 @@ import os
 import torch
 
 from .. import ops
-from ..lm import lm_parts
+from ..objectives.lm import lm_parts
 
 
 def is_distributed() -> bool:

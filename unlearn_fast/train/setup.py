@@ -1,6 +1,6 @@
 """From a TrainConfig to the Trainer's inputs: model, tokenizer, and tokenized data sets.
 
-Model sources: ``tiny`` (the preset's small Llama), a local Hugging Face model
+Model sources: ``tiny`` (the preset's small Llama, ``data.models``), a local Hugging Face model
 directory, or a model id already in the local Hugging Face cache (nothing is
 downloaded). Data sources: ``synthetic:NAME`` (the preset's data), a JSON-lines
 file, or ``hf:NAME[:SPLIT]``.
@@ -11,9 +11,11 @@ from pathlib import Path
 
 import torch
 
-from .. import presets
+from ..data.models import tiny_model
+from ..data.streams import read_records, tokenize_records
+from ..data.synthetic import synthetic_records
+from ..data.tokenizer import CharTokenizer
 from .config import ConfigError, TrainConfig
-from .data import read_records, tokenize_records
 
 
 def resolve_device(config: TrainConfig) -> torch.device:
@@ -33,8 +35,8 @@ def load_model(config: TrainConfig):
     """(model, tokenizer) for ``config.model``, in ``config.dtype``, on the config's device."""
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]
     if config.model == "tiny":
-        tokenizer = presets.CharTokenizer()
-        model = presets.tiny_model(tokenizer.vocab_size, seed=config.seed, max_length=config.max_length)
+        tokenizer = CharTokenizer()
+        model = tiny_model(tokenizer.vocab_size, seed=config.seed, max_length=config.max_length)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -55,7 +57,7 @@ def load_examples(source: str, tokenizer, config: TrainConfig, key: str) -> list
     if source.startswith("synthetic"):
         name = source.partition(":")[2] or {"forget": "forget", "retain": "retain"}.get(key, "arith")
         try:
-            records = presets.synthetic_records(name)
+            records = synthetic_records(name)
         except ValueError as exc:
             raise ConfigError(f"{key}: {exc}") from None
     else:

@@ -25,13 +25,14 @@ import torch
 from torch import nn
 
 from .. import ops, optim
-from ..averaging import WeightAverager
-from ..lm import trainable_parameters
-from ..reference_nll import reference_nll
-from ..step import unlearning_gradients
+from .._files import replace_directory
+from ..optim.averaging import WeightAverager
+from ..objectives.lm import trainable_parameters
+from ..objectives.reference_nll import reference_nll
+from ..objectives.step import unlearning_gradients
 from .checkpoint import list_checkpoints, load_checkpoint, optimizer_tensors, save_checkpoint
 from .config import TrainConfig
-from .data import BatchStream
+from ..data.streams import BatchStream
 from .distributed import broadcast_parameters, data_parallel, is_distributed, shard_model
 
 
@@ -313,22 +314,20 @@ class Trainer:
         full = self.sharding.full_state_dict() if self.sharding else None  # FSDP: every process gathers
         if self.rank != 0:
             return self._barrier()
-        final, tmp = self.output / "final", self.output / f".tmp-final-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        final = self.output / "final"
         model = self.model
-        if hasattr(model, "merge_and_unload"):
-            model.save_pretrained(tmp / "adapter", safe_serialization=True)
-            model = model.merge_and_unload()  # replaces the LoRA layers in place: the run is over
-            self.model = model
-        if full is None:
-            model.save_pretrained(tmp, safe_serialization=True)
-        else:
-            model.save_pretrained(tmp, state_dict=full, safe_serialization=True)
-            _fix_architecture(tmp / "config.json", type(model).__name__, self.architecture)
-        if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
-            self.tokenizer.save_pretrained(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        with replace_directory(final) as tmp:
+            if hasattr(model, "merge_and_unload"):
+                model.save_pretrained(tmp / "adapter", safe_serialization=True)
+                model = model.merge_and_unload()  # replaces the LoRA layers in place: the run is over
+                self.model = model
+            if full is None:
+                model.save_pretrained(tmp, safe_serialization=True)
+            else:
+                model.save_pretrained(tmp, state_dict=full, safe_serialization=True)
+                _fix_architecture(tmp / "config.json", type(model).__name__, self.architecture)
+            if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+                self.tokenizer.save_pretrained(tmp)
         self._barrier()
         return final
 

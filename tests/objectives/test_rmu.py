@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import unlearn_fast as uf
-from tests import reference_objectives as ref
-from tests.tiny import make_batch, tiny_llama
+from unlearn_fast.testing import reference_objectives as ref
+from unlearn_fast.testing.tiny import make_batch, tiny_llama
 
 
 @pytest.mark.parametrize("compat", ["default", "reference"])
@@ -18,7 +18,7 @@ def test_rmu_gradient_matches_full_forward_reference(compat):
     conf = uf.UnlearnConfig(method="rmu", rmu_layer=3, rmu_steering=2.0, rmu_alpha=10.0, compat=compat)
     forget, retain = make_batch(1), make_batch(2)
     params = [p for p in model.parameters() if p.requires_grad]
-    u = uf.rmu.steering_vector(32, conf.seed, "cpu", torch.float32)
+    u = uf.objectives.rmu.steering_vector(32, conf.seed, "cpu", torch.float32)
     assert torch.all(u >= 0) and abs(float(u.norm()) - 1) < 1e-6
 
     for step in range(2):  # the second step runs at moved weights: θ0 must come from the snapshot

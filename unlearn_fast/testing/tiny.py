@@ -1,19 +1,16 @@
-"""Tiny Llama models and batches for the objective and trainer tests."""
+"""Tiny Llama models and batches for the tests and benches (random weights scaled up so gradients are not tiny)."""
 from __future__ import annotations
 
 import torch
 
 
 def tiny_llama(*, tie=False, layers=4, seed=0, vocab=97, hidden=32, dtype=torch.float32):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from ..data.models import build_llama
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        tie_word_embeddings=tie, attn_implementation="eager",
-    )
-    model = LlamaForCausalLM(config).to(dtype)
+    model = build_llama(vocab, hidden_size=hidden, num_hidden_layers=layers, max_position_embeddings=64,
+                        tie_word_embeddings=tie, attn_implementation="eager", seed=None,
+                        pad_token_id=None).to(dtype)
     with torch.no_grad():  # larger weights than the default init so that gradients are not tiny
         for p in model.parameters():
             if p.dim() == 2:

@@ -1,6 +1,6 @@
-from unlearn_fast.eval.corpus import ATTRIBUTES, build_corpus
+from unlearn_fast.data.corpus import ATTRIBUTES, build_corpus
 from unlearn_fast.eval.metrics import encode_qa
-from unlearn_fast.eval.tokenizer import WordTokenizer
+from unlearn_fast.data.tokenizer import WordTokenizer
 
 import pytest
 

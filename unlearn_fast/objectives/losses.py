@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from . import ops
+from .. import ops
 from .config import UnlearnConfig
 from .lm import LMParts, final_hidden, shift
 
