@@ -20,7 +20,7 @@ def run(tmp_path, overrides, *, resume=False, name="out"):
     config = build_config({"max_steps": 6, "batch_size": 2, "save_every": 2, "lr": 1e-3, "max_length": 24}, overrides)
     model, tok, data = setup(config)
     trainer = Trainer(model, tok, config, forget=data["forget"], retain=data["retain"],
-                      envs=[data["env"]] if config.irm else (), output_dir=tmp_path / name, progress=False)
+                      envs=[data["env"]] if config.unlearn.irm else (), output_dir=tmp_path / name, progress=False)
     metrics = trainer.train(resume=resume)
     return trainer, metrics
 

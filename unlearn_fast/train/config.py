@@ -1,7 +1,11 @@
-"""TrainConfig: one flat dataclass of short keys, read from YAML with ``yaml.safe_load``.
+"""TrainConfig: the training settings plus the objective's ``UnlearnConfig`` (declared once, in
+objectives/config.py), read from YAML with ``yaml.safe_load``.
 
-Unknown keys and invalid values raise ``ConfigError`` naming the key and what
-is allowed; the command line turns it into one line and exit code 2.
+A config file and ``--set`` use flat keys: a TrainConfig field sets the training, any other
+UnlearnConfig field sets the objective (``unlearn.NAME`` names an objective field explicitly, and a
+nested ``unlearn:`` mapping works too, as ``config.json`` stores it). ``seed`` is the run's seed and,
+unless ``unlearn.seed`` is given, the objective's too. Unknown keys and invalid values raise
+``ConfigError`` naming the key and what is allowed; the command line turns it into one line and exit 2.
 """
 from __future__ import annotations
 
@@ -26,25 +30,8 @@ class TrainConfig:
     question_key: str = "question"
     answer_key: str = "answer"
     max_length: int = 128
-    # objective (UnlearnConfig's fields, flat)
-    method: str = "npo"
-    beta: float | None = None
-    npo_form: str = "sequence"
-    forget_weight: float = 1.0
-    retain_weight: float = 1.0
-    retain_loss: str = "ce"
-    irm: str | None = None
-    irm_weight: float = 0.0
-    sam_rho: float = 0.0
-    sam_adaptive: bool = False
-    rs_samples: int = 0
-    rs_sigma: float = 1e-4
-    gp_weight: float = 0.0
-    cr_weight: float = 0.0
-    rmu_layer: int = 7
-    rmu_steering: float = 6.5
-    rmu_alpha: float = 1200.0
-    compat: str = "default"
+    # the objective: every UnlearnConfig field, one default each (objectives/config.py)
+    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     # optimisation
     lr: float = 5e-6
     max_steps: int = 125
@@ -93,14 +80,8 @@ class TrainConfig:
             raise ConfigError("master_weights: only meaningful with dtype: bfloat16")
         if not isinstance(self.envs, list):
             raise ConfigError(f"envs: must be a list of data sources, got {self.envs!r}")
-        try:
-            self.unlearn_config()
-        except ValueError as exc:
-            raise ConfigError(str(exc).replace("UnlearnConfig.", "")) from None
-
-    def unlearn_config(self) -> UnlearnConfig:
-        shared = {f.name for f in fields(UnlearnConfig)} & {f.name for f in fields(self)}
-        return UnlearnConfig(**{k: getattr(self, k) for k in shared})
+        if not isinstance(self.unlearn, UnlearnConfig):
+            raise ConfigError(f"unlearn: must be an UnlearnConfig, got {type(self.unlearn).__name__}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -131,27 +112,55 @@ def _coerce(key: str, value, current):
     return value
 
 
+TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "unlearn")
+UNLEARN_KEYS = tuple(UnlearnConfig.field_names())
+
+
+def config_keys() -> list[str]:
+    """Every key a config file or ``--set`` accepts (flat; ``unlearn.NAME`` for the objective's seed)."""
+    return list(TRAIN_KEYS) + [k for k in UNLEARN_KEYS if k not in TRAIN_KEYS] + [
+        f"unlearn.{k}" for k in UNLEARN_KEYS if k in TRAIN_KEYS]
+
+
+def _default(f):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def build_config(base: dict | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """TrainConfig from a dict (YAML) plus ``key=value`` overrides; unknown keys are refused."""
-    defaults = TrainConfig.__new__(TrainConfig)
-    known = {f.name: f for f in fields(TrainConfig)}
-    values = {}
-    for f in fields(TrainConfig):
-        values[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    items = list((base or {}).items())
+    train = {f.name: _default(f) for f in fields(TrainConfig) if f.name != "unlearn"}
+    unlearn = {f.name: _default(f) for f in fields(UnlearnConfig)}
+    items = []
+    for key, value in (base or {}).items():
+        if key == "unlearn" and isinstance(value, dict):  # nested, as config.json stores it
+            items += [(f"unlearn.{k}", v) for k, v in value.items()]
+        else:
+            items.append((key, value))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set {item}: expected key=value")
         key, value = item.split("=", 1)
         items.append((key.strip(), value))
+    explicit = set()
     for key, value in items:
-        if key not in known:
+        section, name = (unlearn, key[len("unlearn."):]) if key.startswith("unlearn.") else (
+            (train, key) if key in train else (unlearn, key))
+        if name not in section:
+            known = config_keys()
             close = [k for k in known if k.startswith(key[:3])]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(f"{key}: unknown key{hint}; allowed keys: {', '.join(known)}")
-        values[key] = _coerce(key, value, values[key] if values[key] is not None else _typed_none(key))
-    del defaults
-    return TrainConfig(**values)
+        current = section[name] if section[name] is not None else _typed_none(name)
+        section[name] = _coerce(key, value, current)
+        if section is unlearn:
+            explicit.add(name)
+    if "seed" not in explicit:
+        unlearn["seed"] = train["seed"]
+    try:
+        objective = UnlearnConfig(**unlearn)
+    except ValueError as exc:
+        raise ConfigError(str(exc).replace("UnlearnConfig.", "")) from None
+    return TrainConfig(**train, unlearn=objective)
 
 
 def _typed_none(key):

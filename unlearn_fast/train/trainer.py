@@ -123,7 +123,7 @@ class Trainer:
         self.forget = BatchStream(forget, config.batch_size, seed, pad, **split)
         self.retain = BatchStream(retain, config.batch_size, seed + 1, pad, **split) if retain else None
         self.envs = [BatchStream(e, config.batch_size, seed + 2 + i, pad, **split) for i, e in enumerate(envs)]
-        self.objective = config.unlearn_config()
+        self.objective = config.unlearn
         if self.objective.irm and not envs:
             raise ValueError("envs: irm needs at least one environment (fine-tuning data set)")
         if config.gradient_checkpointing:
@@ -350,7 +350,7 @@ class Trainer:
             from tqdm.auto import tqdm
         except ImportError:
             return None
-        return tqdm(total=self.config.max_steps, initial=self.step, desc=f"unlearn {self.config.method}", unit="step")
+        return tqdm(total=self.config.max_steps, initial=self.step, desc=f"unlearn {self.config.unlearn.method}", unit="step")
 
 
 def _fix_architecture(config_json: Path, written: str, original: str) -> None:
