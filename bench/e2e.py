@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import statistics
 import sys
 import time
@@ -35,6 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
+
+from unlearn_fast.recipes.methods import objective_settings, parse_method  # noqa: E402
 
 from _common import (RESULTS_DIR, PeakMemory, environment, ratios_of, run_variants, sync, worker_report,  # noqa: E402
                      write_results)
@@ -101,6 +102,7 @@ def make_batches(shape: dict, count: int, device: torch.device, salt: int) -> li
 
 
 def parse_variant(variant: str) -> tuple[str, str]:
+    """'ours_npo_sam' -> ('ours', 'npo_sam'); the method part is read by the package's one method parser."""
     impl, _, method = variant.partition("_")
     if impl not in IMPLS or method not in METHODS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(ALL_VARIANTS)}")
@@ -116,9 +118,8 @@ def ours_stepper(model, method, forget_batches):
                                   rmu_alpha=hp["rmu_alpha"], seed=hp["seed"], compat="reference")
     else:
         config = uf.UnlearnConfig(
-            method="npo", beta=hp["beta"], forget_weight=hp["forget_weight"], retain_weight=hp["retain_weight"],
-            sam_rho=hp["sam_rho"] if "sam" in method else 0.0,
-            irm="logit" if "ilu" in method else None, irm_weight=hp["irm_weight"] if "ilu" in method else 0.0)
+            **objective_settings(parse_method(method), sam_rho=hp["sam_rho"], irm_weight=hp["irm_weight"]),
+            beta=hp["beta"], forget_weight=hp["forget_weight"], retain_weight=hp["retain_weight"])
         # NPO's reference NLL: once, before training, from the start model (SPEC §1.1)
         for batch in forget_batches:
             # unpadded examples: reference_nll re-pads them into this very batch
@@ -143,8 +144,8 @@ def ref_stepper(model, method):
                                  rmu_alpha=hp["rmu_alpha"], steering=u)
     else:
         ref = ReferenceUnlearner(model, "npo", beta=hp["beta"], forget_weight=hp["forget_weight"],
-                                 retain_weight=hp["retain_weight"], sam_rho=hp["sam_rho"] if "sam" in method else 0.0,
-                                 irm_weight=hp["irm_weight"] if "ilu" in method else 0.0)
+                                 retain_weight=hp["retain_weight"], sam_rho=hp["sam_rho"] if parse_method(method).sam else 0.0,
+                                 irm_weight=hp["irm_weight"] if parse_method(method).ilu else 0.0)
     return ref.gradients
 
 
@@ -153,7 +154,7 @@ def worker(variant: str, shape: dict, steps: int, warmup: int, device: torch.dev
     with PeakMemory(device):  # the first PeakMemory also fixes glibc's allocation policy (CPU)
         pass
     # The reference's double backprop needs the math attention path; everything else uses sdpa.
-    attn = "eager" if impl == "ref" and "ilu" in method else "sdpa"
+    attn = "eager" if impl == "ref" and parse_method(method).ilu else "sdpa"
     model = build_model(shape, device, attn)
     HPARAMS["rmu_layer"] = shape["rmu_layer"]
     if method == "rmu":
@@ -173,7 +174,7 @@ def worker(variant: str, shape: dict, steps: int, warmup: int, device: torch.dev
             opt = torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda")
             for i in range(warmup + steps):
                 k = i % n
-                envs = [env[k]] if "ilu" in method else []
+                envs = [env[k]] if parse_method(method).ilu else []
                 sync(device)
                 start, cpu_start = time.perf_counter(), time.process_time()
                 opt.zero_grad(set_to_none=True)
@@ -190,7 +191,7 @@ def worker(variant: str, shape: dict, steps: int, warmup: int, device: torch.dev
     except torch.OutOfMemoryError:
         fits = False
     tokens = sum(int(b["attention_mask"].sum()) for b in (forget[0], retain[0]))
-    if "ilu" in method:
+    if parse_method(method).ilu:
         tokens += int(env[0]["attention_mask"].sum())
     if not fits:
         worker_report(impl=impl, method=method, fits=False)

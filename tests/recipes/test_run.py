@@ -3,7 +3,8 @@ import json
 import pytest
 
 from unlearn_fast.eval.report import REQUIRED
-from unlearn_fast.recipes.run import apply_override, build_eval_parser, build_run_parser, eval_main, quick_spec, run_main
+from unlearn_fast.recipes.eval import eval_main
+from unlearn_fast.recipes.run import apply_override, build_eval_parser, build_run_parser, quick_spec, run_main
 
 
 def test_quick_end_to_end_run_and_eval(tmp_path):

@@ -20,7 +20,8 @@ TRAIN_VALUES = {
     "lora_r": ("8", 8, []), "lora_alpha": ("32", 32.0, []), "lora_targets": ("[q_proj]", ["q_proj"], []),
     "wa_start": ("3", 3, []), "wa_every": ("2", 2, []), "seed": ("11", 11, []), "save_every": ("5", 5, []),
     "keep_checkpoints": ("4", 4, []), "log_every": ("3", 3, []), "device": ("cpu", "cpu", []),
-    "parallel": ("fsdp", "fsdp", []),
+    "parallel": ("fsdp", "fsdp", []), "task": ("finetune", "finetune", []), "env_batch_size": ("2", 2, []),
+    "min_lr_ratio": ("0.05", 0.05, []),
 }
 UNLEARN_VALUES = {
     "method": ("simnpo", "simnpo", []), "beta": ("0.5", 0.5, []), "npo_form": ("batch_mean", "batch_mean", []),

@@ -80,21 +80,25 @@ class BatchStream:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return torch.randperm(len(self.examples), generator=gen).tolist()
 
-    def next_examples(self) -> list[dict]:
+    def next_indices(self) -> list[int]:
+        """The positions in ``examples`` of the next global batch (advances the stream)."""
         picked = []
         while len(picked) < self.batch_size:
             if self.position >= len(self._order):
                 self.epoch, self.position = self.epoch + 1, 0
                 self._order = self._permutation()
-            picked.append(self.examples[self._order[self.position]])
+            picked.append(self._order[self.position])
             self.position += 1
         return picked
 
+    def next_examples(self) -> list[dict]:
+        return [self.examples[i] for i in self.next_indices()]
+
     def next_batch(self, device=None, extra: dict | None = None) -> dict:
-        examples = self.next_examples()[self.rank * self.local:(self.rank + 1) * self.local]
-        batch = collate(examples, self.pad, device)
-        for key, values in (extra or {}).items():  # per-example values, e.g. ref_nll
-            batch[key] = torch.stack([values[ex["index"]] for ex in examples]).to(device)
+        indices = self.next_indices()[self.rank * self.local:(self.rank + 1) * self.local]
+        batch = collate([self.examples[i] for i in indices], self.pad, device)
+        for key, values in (extra or {}).items():  # per-example values (e.g. ref_nll), by position in examples
+            batch[key] = torch.stack([values[i] for i in indices]).to(device)
         return batch
 
     def state_dict(self) -> dict:
@@ -103,3 +107,25 @@ class BatchStream:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = state["epoch"], state["position"]
         self._order = self._permutation()
+
+
+class MixedStream:
+    """Batches that take a fixed number of examples from each of several sources (each its own
+    ``BatchStream``), e.g. teaching: 48 facts + 8 sentences + 12 task records per batch."""
+
+    def __init__(self, parts, seed: int, pad_token_id: int = 0):
+        self.streams = [BatchStream(examples, count, seed + i, pad_token_id) for i, (examples, count) in enumerate(parts)]
+        self.pad = pad_token_id
+        self.examples = [ex for s in self.streams for ex in s.examples]
+
+    def next_batch(self, device=None, extra: dict | None = None) -> dict:
+        if extra:
+            raise ValueError("MixedStream: per-example extras (ref_nll) need a single BatchStream")
+        return collate([ex for s in self.streams for ex in s.next_examples()], self.pad, device)
+
+    def state_dict(self) -> dict:
+        return {"parts": [s.state_dict() for s in self.streams]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for s, part in zip(self.streams, state["parts"]):
+            s.load_state_dict(part)

@@ -1,5 +1,7 @@
 """The three attacks of SPEC §2 on an unlearned model. Each works on a copy: the model passed in never changes.
 
+Relearning and fine-tuning train through the Trainer (the package's one loop), in memory.
+
 - relearning: fine-tune on k forget samples for a few steps, measure the forget
   accuracy on the other forget questions (knowledge that comes back without
   being shown);
@@ -13,12 +15,14 @@ from __future__ import annotations
 
 import copy
 import random
+from types import SimpleNamespace
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..data.collate import collate
+from ..train.config import TrainConfig
+from ..train.trainer import Trainer
 from .metrics import answer_accuracy
 
 
@@ -71,37 +75,29 @@ def quantized_copy(model: nn.Module, bits: int, group_size: int = 32) -> nn.Modu
 # ---------------------------------------------------------------- fine-tuning
 def finetune(model: nn.Module, examples, *, steps: int, lr: float, batch_size: int, seed: int = 0,
              pad_token_id: int = 0, callback=None, callback_steps=()) -> nn.Module:
-    """AdamW fine-tuning of ``model`` in place on ``examples`` (label tokens); ``callback(step)`` at the given steps."""
+    """Fine-tune ``model`` in place on ``examples`` (label tokens) with the Trainer (task "finetune",
+    in memory: constant lr, no warm-up, clip 1); ``callback(step)`` at the given steps (model in eval mode)."""
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     if not examples:
         raise ValueError("fine-tuning needs at least one example")
     for p in model.parameters():
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    rng = random.Random(seed)
-    order: list[int] = []
-    device = next(model.parameters()).device
+    model.eval()
     if 0 in callback_steps and callback:
         callback(0)
-    for step in range(1, steps + 1):
-        batch_ids = []
-        while len(batch_ids) < min(batch_size, len(examples)):  # epochs of reshuffled examples
-            if not order:
-                order = list(range(len(examples)))
-                rng.shuffle(order)
-            batch_ids.append(order.pop())
-        model.train()
-        batch = collate([examples[i] for i in batch_ids], pad_token_id, device)
-        loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+    if steps == 0:
+        return model
+    config = TrainConfig(task="finetune", lr=lr, max_steps=steps, batch_size=min(batch_size, len(examples)),
+                         warmup_ratio=0.0, schedule="constant", weight_decay=0.0, clip=1.0, seed=seed,
+                         save_every=steps)
+
+    def on_step(step, _metrics):
         if callback and step in callback_steps:
-            model.eval()
             callback(step)
-    model.eval()
+
+    padding = SimpleNamespace(pad_token_id=pad_token_id)  # all the Trainer reads of a tokenizer here
+    Trainer(model, padding, config, data=list(examples), output_dir=None, progress=False, on_step=on_step).train()
     return model
 
 

@@ -1,18 +1,15 @@
-"""The main job (``unlearn-fast run``) and checkpoint evaluation (``unlearn-fast eval``).
+"""The main job (``unlearn-fast run``): build or load the default model, unlearn the forget set with
+each method through the Trainer (in memory), attack every result three ways (relearning, downstream
+fine-tuning, quantization) and write report.json, report.md and robustness.png.
 
-run: build or load the default model, unlearn the forget set with each method
-through the public objective layer (``uf.unlearning_gradients``), attack every
-result three ways (relearning, downstream fine-tuning, quantization) and write
-report.json, report.md and robustness.png.
+The command-line pieces shared with ``unlearn-fast eval`` (recipes/eval.py) live here too.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import datetime
-import json
 import platform
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -22,13 +19,15 @@ import torch
 
 import unlearn_fast as uf
 
-from ..data.collate import collate
-from ..objectives.rmu import rmu_trainable
-from ..eval.attacks import FinetuneSpec, RelearnSpec, finetune_attack, quantized_copy, relearn_attack, relearn_split
 from ..data.corpus import build_corpus
-from ..eval.metrics import answer_accuracy, encode_qa, encode_text, knowmem, perplexity, verbmem
-from .teach import DEFAULT_MODEL, QUICK_MODEL, TeachSpec, default_model, load_directory, smollm2_model
+from ..eval.attacks import FinetuneSpec, RelearnSpec, finetune_attack, quantized_copy, relearn_attack, relearn_split
+from ..eval.metrics import answer_accuracy, encode_qa, encode_text, perplexity
 from ..eval.report import write_report
+from ..objectives.rmu import rmu_trainable
+from ..train.config import TrainConfig
+from ..train.trainer import Trainer
+from .methods import objective_settings, parse_method
+from .teach import DEFAULT_MODEL, QUICK_MODEL, TeachSpec, default_model, load_directory, smollm2_model
 
 ALL_METHODS = ("original", "ga", "npo", "npo+sam", "npo+ilu", "npo+sam+ilu", "rmu")
 
@@ -95,54 +94,38 @@ class Data:
 
 def method_config(name: str, spec: UnlearnSpec, num_layers: int, seed: int) -> tuple[uf.UnlearnConfig, float]:
     """The UnlearnConfig and learning rate of a method name such as 'npo+sam+ilu'."""
-    parts = name.split("+")
-    base, extras = parts[0], set(parts[1:])
-    if not extras <= {"sam", "ilu"} or base not in ("ga", "npo", "rmu", "graddiff", "simnpo"):
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(ALL_METHODS)} (and graddiff, simnpo, +sam/+ilu)")
-    kw = dict(method=base, seed=seed)
+    method = parse_method(name)
+    kw = dict(objective_settings(method, sam_rho=spec.sam_rho, irm_weight=spec.irm_weight), seed=seed)
     lr = spec.lr
-    if base == "ga":
+    if method.base == "ga":
         lr = spec.ga_lr
-    elif base == "rmu":
+    elif method.base == "rmu":
         lr = spec.rmu_lr
         kw.update(rmu_layer=num_layers // 2, rmu_steering=spec.rmu_steering, rmu_alpha=spec.rmu_alpha)
     else:
         kw.update(retain_weight=spec.retain_weight)
-        if base == "npo":
+        if method.base == "npo":
             kw.update(beta=spec.npo_beta)
-    if "sam" in extras:
-        kw.update(sam_rho=spec.sam_rho)
-    if "ilu" in extras:
-        kw.update(irm="logit", irm_weight=spec.irm_weight)
     return uf.UnlearnConfig(**kw), lr
 
 
 def unlearn(model, data: Data, name: str, spec: UnlearnSpec, *, seed: int, ref_nll=None) -> dict:
-    """Unlearn ``data``'s forget set from ``model`` in place with method ``name``; returns the last step's terms."""
-    config, lr = method_config(name, spec, model.config.num_hidden_layers, seed)
-    if config.method == "rmu":
-        rmu_trainable(model, config.rmu_layer, span=min(3, config.rmu_layer + 1))
+    """Unlearn ``data``'s forget set from ``model`` in place with method ``name`` through the Trainer (in
+    memory: constant lr, clip 1, FusedAdamW); returns the last step's terms."""
+    objective, lr = method_config(name, spec, model.config.num_hidden_layers, seed)
+    if objective.method == "rmu":
+        rmu_trainable(model, objective.rmu_layer, span=min(3, objective.rmu_layer + 1))
     else:
         for p in model.parameters():
             p.requires_grad_(True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    rng = random.Random(seed)
-    device = next(model.parameters()).device
-    terms = {}
-    model.train()
-    for step in range(spec.steps):
-        idx = rng.sample(range(len(data.forget_train)), min(spec.batch_size, len(data.forget_train)))
-        forget = collate([data.forget_train[i] for i in idx], data.pad, device)
-        if config.needs_ref_nll:
-            forget["ref_nll"] = ref_nll[idx]
-        retain = collate(rng.sample(data.retain_train, min(spec.batch_size, len(data.retain_train))), data.pad, device)
-        envs = [collate(rng.sample(ex, min(spec.env_batch_size, len(ex))), data.pad, device)
-                for ex in data.env_train.values()] if config.irm else ()
-        optimizer.zero_grad(set_to_none=True)
-        terms = uf.unlearning_gradients(model, forget, retain if config.uses_retain else None, envs, config, step=step)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+    config = TrainConfig(lr=lr, max_steps=spec.steps, batch_size=min(spec.batch_size, len(data.forget_train)),
+                         env_batch_size=spec.env_batch_size, warmup_ratio=0.0, schedule="constant",
+                         weight_decay=0.0, clip=1.0, seed=seed, save_every=spec.steps, unlearn=objective)
+    trainer = Trainer(model, data.tokenizer, config, forget=data.forget_train,
+                      retain=data.retain_train if objective.uses_retain else None,
+                      envs=list(data.env_train.values()) if objective.irm else (), output_dir=None, progress=False,
+                      ref_nll=ref_nll)
+    terms = trainer.train()
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
@@ -324,57 +307,6 @@ def run_main(argv: list[str] | None = None) -> int:
               "versions": versions(), "timings": timings}
     write_report(report, out)
     log(f"done in {timings['total']:.0f} s: {out / 'report.md'}")
-    return 0
-
-
-def _read_jsonl(path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def lm_eval_bridge(model, tokenizer, tasks: list[str]) -> dict:
-    """Run lm-evaluation-harness tasks on the in-memory model (the task data must be available locally)."""
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-    except ImportError as exc:
-        raise ImportError("--lm-eval-tasks needs lm-evaluation-harness: pip install lm-eval "
-                          "(and the task data in the local Hugging Face datasets cache)") from exc
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8)
-    results = lm_eval.simple_evaluate(model=lm, tasks=tasks)
-    return results.get("results", {})
-
-
-def eval_main(argv: list[str] | None = None) -> int:
-    args = build_eval_parser().parse_args(argv)
-    spec = _setup(args)
-    out = _output(args.output)
-    start = time.perf_counter()
-    model, tokenizer = load_directory(args.checkpoint)
-    corpus = build_corpus(args.seed, **spec.corpus)
-    data = Data(corpus, tokenizer)
-    log(f"evaluating {args.checkpoint} on the synthetic corpus (seed {args.seed}) ...")
-    row = evaluate(model, data, spec, seed=args.seed, attacks=_attacks(args.attacks))
-    extra = {}
-    if args.knowmem:
-        extra["knowmem"] = knowmem(model, tokenizer, _read_jsonl(args.knowmem), pad_token_id=data.pad)
-        log(f"KnowMem {extra['knowmem']:.3f}")
-    if args.verbmem:
-        extra["verbmem_rouge_l"] = verbmem(model, tokenizer, _read_jsonl(args.verbmem))
-        log(f"VerbMem ROUGE-L {extra['verbmem_rouge_l']:.3f}")
-    if args.lm_eval_tasks:
-        try:
-            extra["lm_eval"] = lm_eval_bridge(model, tokenizer, [t for t in args.lm_eval_tasks.split(",") if t])
-        except ImportError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    row.update(extra, seconds=time.perf_counter() - start)
-    report = {"title": f"unlearn_fast eval of {args.checkpoint}", "methods": {"checkpoint": row},
-              "config": {"argv": list(argv or []), "checkpoint": str(args.checkpoint), "seed": args.seed,
-                         "quick": args.quick, **asdict(spec)},
-              "versions": versions(), "timings": {"total": time.perf_counter() - start}}
-    write_report(report, out)
-    log(f"done: {out / 'report.md'}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The models the evaluation runs on.
+"""The models the main job runs on, and teaching them the corpus (through the Trainer).
 
 - ``default``: a small Llama built from ``DEFAULT_MODEL`` and taught the
   synthetic corpus in code, until it answers the forget and retain questions;
@@ -17,7 +17,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,11 +24,13 @@ from pathlib import Path
 import torch
 
 from .._files import replace_directory
-from ..data.collate import collate
 from ..data.corpus import Corpus
 from ..data.models import build_llama
+from ..data.streams import MixedStream
 from ..data.tokenizer import FILE_NAME, WordTokenizer
 from ..eval.metrics import answer_accuracy, encode_qa, encode_text
+from ..train.config import TrainConfig
+from ..train.trainer import Trainer
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class TeachSpec:
     weight_decay: float = 0.01
 
 
+# part of the cache key: a model taught by another loop is another model
+TEACHING = "trainer-finetune"
 DEFAULT_MODEL = ModelSpec()
 QUICK_MODEL = ModelSpec(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2)
@@ -72,38 +75,33 @@ def build_model(spec: ModelSpec, vocab_size: int, seed: int):
 
 def teach(model, tokenizer, corpus: Corpus, spec: TeachSpec, *, seed: int = 0, progress=print) -> dict:
     """Train ``model`` on all facts (answer tokens), the general sentences and the environments' training
-    records, until it knows the facts."""
+    records, until it knows the facts: the Trainer's fine-tuning task, in memory (FusedAdamW, linear
+    decay to 5 %, clip 1), an accuracy check every ``eval_every`` steps that may end it early."""
     qa = encode_qa(corpus.forget + corpus.retain, tokenizer)
     text = encode_text(corpus.general_train, tokenizer)
     env = encode_qa([r for e in corpus.envs.values() for r in e["train"]], tokenizer)
     probe_forget = encode_qa(corpus.forget, tokenizer, eos=False)
     probe_retain = encode_qa(corpus.retain, tokenizer, eos=False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.05, 1 - s / spec.max_steps))
-    rng = random.Random(seed)
+    # every batch: batch_size facts, text_per_batch sentences, env_per_batch task records
+    parts = [(qa, min(spec.batch_size, len(qa))), (text, min(spec.text_per_batch, len(text))),
+             (env, min(spec.env_per_batch, len(env)))]
+    stream = MixedStream([(examples, n) for examples, n in parts if n > 0], seed, pad)
+    config = TrainConfig(task="finetune", lr=spec.lr, max_steps=spec.max_steps, weight_decay=spec.weight_decay,
+                         batch_size=sum(n for _, n in parts), warmup_ratio=0.0, schedule="linear",
+                         min_lr_ratio=0.05, clip=1.0, seed=seed, save_every=spec.max_steps)
     start, state = time.perf_counter(), {}
-    model.train()
-    for step in range(1, spec.max_steps + 1):
-        examples = (rng.sample(qa, min(spec.batch_size, len(qa))) + rng.sample(text, min(spec.text_per_batch, len(text)))
-                    + rng.sample(env, min(spec.env_per_batch, len(env))))
-        batch = collate(examples, pad, device)
-        loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % spec.eval_every == 0 or step == spec.max_steps:
-            f = answer_accuracy(model, probe_forget, pad_token_id=pad)["acc"]
-            r = answer_accuracy(model, probe_retain, pad_token_id=pad)["acc"]
-            state = {"steps": step, "loss": float(loss.detach()), "forget_acc": f, "retain_acc": r}
-            progress(f"  teach step {step}: loss {float(loss.detach()):.3f} forget acc {f:.3f} retain acc {r:.3f}")
-            model.train()
-            if step >= spec.min_steps and min(f, r) >= spec.target:
-                break
-    model.eval()
+
+    def on_step(step, metrics):
+        if step % spec.eval_every != 0 and step != spec.max_steps:
+            return False
+        f = answer_accuracy(model, probe_forget, pad_token_id=pad)["acc"]
+        r = answer_accuracy(model, probe_retain, pad_token_id=pad)["acc"]
+        state.update(steps=step, loss=metrics["loss"], forget_acc=f, retain_acc=r)
+        progress(f"  teach step {step}: loss {metrics['loss']:.3f} forget acc {f:.3f} retain acc {r:.3f}")
+        return step >= spec.min_steps and min(f, r) >= spec.target
+
+    Trainer(model, tokenizer, config, data=stream, output_dir=None, progress=False, on_step=on_step).train()
     state["seconds"] = time.perf_counter() - start
     return state
 
@@ -125,7 +123,7 @@ def default_model(corpus: Corpus, *, spec: ModelSpec = DEFAULT_MODEL, teach_spec
                   seed: int = 0, cache_dir=None, progress=print):
     """(model, tokenizer, info) of the default model for ``corpus``: from the cache, or built, taught and cached."""
     tokenizer = WordTokenizer.from_texts(corpus.all_texts())
-    key = _key(asdict(spec), asdict(teach_spec), seed, tokenizer.vocab, corpus.forget, corpus.retain,
+    key = _key(TEACHING, asdict(spec), asdict(teach_spec), seed, tokenizer.vocab, corpus.forget, corpus.retain,
                corpus.general_train, corpus.envs)
     directory = Path(cache_dir or cache_root()) / f"default-{key}"
     if (directory / "model.safetensors").exists():
@@ -204,7 +202,7 @@ def smollm2_base(cache_dir=None, progress=print):
 def smollm2_model(corpus: Corpus, *, teach_spec: TeachSpec = TeachSpec(lr=2e-4, batch_size=16, text_per_batch=4),
                   seed: int = 0, cache_dir=None, progress=print):
     """SmolLM2-135M taught the corpus (cached like the default model)."""
-    key = _key("smollm2", asdict(teach_spec), seed, corpus.forget, corpus.retain, corpus.general_train, corpus.envs)
+    key = _key("smollm2", TEACHING, asdict(teach_spec), seed, corpus.forget, corpus.retain, corpus.general_train, corpus.envs)
     directory = Path(cache_dir or cache_root()) / f"smollm2-taught-{key}"
     if (directory / "config.json").exists():
         model, tokenizer = load_directory(directory)

@@ -32,13 +32,18 @@ class TrainConfig:
     max_length: int = 128
     # the objective: every UnlearnConfig field, one default each (objectives/config.py)
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
+    # what the steps minimise: "unlearn" (the objective below on forget/retain/envs) or "finetune"
+    # (plain cross-entropy on the training data: teaching a model, the relearning and fine-tuning attacks)
+    task: str = "unlearn"
     # optimisation
     lr: float = 5e-6
     max_steps: int = 125
     batch_size: int = 4
+    env_batch_size: int = 0  # examples per environment batch; 0: batch_size
     grad_accum: int = 1
     warmup_ratio: float = 0.1
     schedule: str = "linear"  # "linear" (warm-up then linear decay) or "constant" (after warm-up)
+    min_lr_ratio: float = 0.0  # the schedule's floor, a fraction of lr
     weight_decay: float = 0.0
     clip: float = 1.0  # 0 disables clipping
     dtype: str = "float32"  # weights: "float32" or "bfloat16"
@@ -58,6 +63,7 @@ class TrainConfig:
     parallel: str = "ddp"  # under torchrun: "ddp" (replicated weights) or "fsdp" (FSDP2: sharded between steps)
 
     def __post_init__(self):
+        _choose("task", self.task, ("unlearn", "finetune"))
         _choose("dtype", self.dtype, ("float32", "bfloat16"))
         _choose("schedule", self.schedule, ("linear", "constant"))
         _choose("parallel", self.parallel, ("ddp", "fsdp"))
@@ -71,6 +77,10 @@ class TrainConfig:
                 raise ConfigError(f"{key}: must be an integer >= 1, got {getattr(self, key)!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ConfigError(f"lr: must be a number > 0, got {self.lr!r}")
+        if not isinstance(self.env_batch_size, int) or self.env_batch_size < 0:
+            raise ConfigError(f"env_batch_size: must be an integer >= 0 (0: batch_size), got {self.env_batch_size!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio!r}")
         for key in ("weight_decay", "clip", "lora_alpha"):

@@ -1,4 +1,6 @@
-"""The thin trainer: a readable loop over ``unlearning_gradients``.
+"""The thin trainer, the package's ONE training loop: a readable loop over ``unlearning_gradients``
+(task "unlearn") or the plain fine-tuning objective (task "finetune": teaching, relearning and
+fine-tuning attacks), on disk (checkpoints, metrics, final model) or in memory (``output_dir=None``).
 
     for step in 1..max_steps:
         for each micro-batch: unlearning_gradients(model, forget, retain, envs)   # accumulates .grad
@@ -16,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from .._files import replace_directory
 from ..optim.averaging import WeightAverager
 from ..objectives.lm import trainable_parameters
 from ..objectives.reference_nll import reference_nll
+from ..objectives.finetune import finetune_gradients
 from ..objectives.step import unlearning_gradients
 from .checkpoint import list_checkpoints, load_checkpoint, optimizer_tensors, save_checkpoint
 from .config import TrainConfig
@@ -48,7 +49,7 @@ def lr_lambda(config: TrainConfig):
             return (step + 1) / warmup
         if config.schedule == "constant":
             return 1.0
-        return max(0.0, (config.max_steps - step) / max(1, config.max_steps - warmup))
+        return max(config.min_lr_ratio, (config.max_steps - step) / max(1, config.max_steps - warmup))
 
     return factor
 
@@ -107,22 +108,39 @@ class MasterWeights:
 class Trainer:
     """Robust unlearning of a causal LM: forget/retain/environment examples in, checkpoints and metrics out."""
 
-    def __init__(self, model: nn.Module, tokenizer, config: TrainConfig, *, forget, retain=None, envs=(),
-                 output_dir="runs/train", ref_model=None, progress: bool = True, optimizer=None):
+    def __init__(self, model: nn.Module, tokenizer, config: TrainConfig, *, forget=None, retain=None, envs=(),
+                 data=None, output_dir="runs/train", ref_model=None, progress: bool = True, optimizer=None,
+                 ref_nll=None, on_step=None):
+        """``forget``/``retain``/``envs``: example lists (task "unlearn"); ``data``: the examples, or a
+        stream (``data.MixedStream``), that task "finetune" trains on. ``output_dir=None``: an in-memory
+        run that writes nothing (no config, metrics, checkpoints or final model). ``ref_nll``: NPO's
+        reference NLL of the forget examples, if already computed. ``on_step(step, metrics)`` runs after
+        every optimizer step (model in eval mode); returning True ends the run there."""
+        if config.task == "finetune":
+            if data is None or forget is not None:
+                raise ValueError("task finetune: give the training examples as data=..., not forget=")
+        elif forget is None:
+            raise ValueError("forget: the unlearning task needs forget examples")
         if config.lora_r > 0 and not hasattr(model, "peft_config"):
             model = apply_lora(model, config)
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.output = Path(output_dir)
+        self.output = Path(output_dir) if output_dir is not None else None
         self.ref_model = ref_model
+        self.on_step = on_step
         self.progress = progress
         self.device = next(model.parameters()).device
         self.rank = torch.distributed.get_rank() if distributed() else 0
         self.world = torch.distributed.get_world_size() if distributed() else 1
         pad = getattr(tokenizer, "pad_token_id", None) or 0
         seed, split = config.seed, dict(rank=self.rank, world=self.world)
-        self.forget = BatchStream(forget, config.batch_size, seed, pad, **split)
+        if config.task == "finetune":  # the data's stream takes the first place: "forget" is just its slot
+            self.forget = data if hasattr(data, "next_batch") else BatchStream(data, config.batch_size, seed, pad,
+                                                                                **split)
+        else:
+            self.forget = BatchStream(forget, config.batch_size, seed, pad, **split)
         self.retain = BatchStream(retain, config.batch_size, seed + 1, pad, **split) if retain else None
-        self.envs = [BatchStream(e, config.batch_size, seed + 2 + i, pad, **split) for i, e in enumerate(envs)]
+        env_batch = config.env_batch_size or config.batch_size
+        self.envs = [BatchStream(e, env_batch, seed + 2 + i, pad, **split) for i, e in enumerate(envs)]
         self.objective = config.unlearn
         if self.objective.irm and not envs:
             raise ValueError("envs: irm needs at least one environment (fine-tuning data set)")
@@ -141,7 +159,7 @@ class Trainer:
         self.optimizer = (optimizer or adamw)(opt_params, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         self.averager = WeightAverager(model, start=config.wa_start, every=config.wa_every) if config.wa_start >= 0 else None
-        self.ref_nll = None
+        self.ref_nll = ref_nll
         self.step = 0
 
     # -- setup ---------------------------------------------------------------------------------
@@ -150,8 +168,8 @@ class Trainer:
         return self.sharding.gathered() if self.sharding else contextlib.nullcontext()
 
     def _reference_nll(self):
-        if self.objective.needs_ref_nll:
-            cache = self.output / "ref_nll" if self.rank == 0 else None  # one writer; the others recompute
+        if self.config.task == "unlearn" and self.objective.needs_ref_nll and self.ref_nll is None:
+            cache = self.output / "ref_nll" if self.rank == 0 and self.output else None  # one writer; others recompute
             if self.sharding:  # the cache key reads model.state_dict(), which FSDP answers by resharding
                 cache = None
             with self._gathered():
@@ -159,7 +177,7 @@ class Trainer:
                                          cache_dir=cache, pad_token_id=self.forget.pad)
 
     def _resume(self) -> None:
-        found = list_checkpoints(self.output)
+        found = list_checkpoints(self.output) if self.output is not None else []
         if not found:
             return
         meta, extra = load_checkpoint(found[-1], model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
@@ -181,8 +199,9 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def train(self, *, resume: bool = False) -> dict:
-        self.output.mkdir(parents=True, exist_ok=True)
-        if self.rank == 0:
+        if self.output is not None:
+            self.output.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0 and self.output is not None:
             (self.output / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1))
         self._reference_nll()
         if resume:
@@ -216,12 +235,19 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.4g}", penalty=f"{last.get('irm_penalty', 0):.3g}",
                                 tok_s=f"{last['tokens_per_s']:.0f}")
+            if self.on_step is not None:
+                self.model.eval()
+                stop = self.on_step(self.step, last)
+                self.model.train()
+                if stop:
+                    break
             if self.step % self.config.save_every == 0 and self.step < self.config.max_steps:
                 self.save()
         if bar is not None:
             bar.close()
         if self.averager and self.averager.count:
             self.averager.copy_to(self.model)
+        self.model.eval()
         self.save_final()
         return last
 
@@ -237,8 +263,12 @@ class Trainer:
                 retain = self.retain.next_batch(self.device) if self.retain else None
                 envs = [e.next_batch(self.device) for e in self.envs]
                 with average():
-                    metrics = unlearning_gradients(self.model, forget, retain, envs, self.objective, ref_model=self.ref_model,
-                                                   step=self.step * self.config.grad_accum + micro)
+                    if self.config.task == "finetune":
+                        metrics = finetune_gradients(self.model, forget)
+                    else:
+                        metrics = unlearning_gradients(self.model, forget, retain, envs, self.objective,
+                                                       ref_model=self.ref_model,
+                                                       step=self.step * self.config.grad_accum + micro)
                 tokens += sum(int(b["attention_mask"].sum()) for b in [forget, retain, *envs] if b is not None)
                 for k, v in metrics.items():
                     totals[k] = totals.get(k, 0.0) + v / self.config.grad_accum
@@ -257,7 +287,7 @@ class Trainer:
     def _check_finite(self, metrics: dict) -> None:
         bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
         if bad:
-            checkpoints = list_checkpoints(self.output)
+            checkpoints = list_checkpoints(self.output) if self.output is not None else []
             where = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
             raise NonFiniteLoss(f"non-finite {', '.join(bad)} at step {self.step + 1}: stopping; {where}")
 
@@ -287,6 +317,8 @@ class Trainer:
         return dict(model_tensors=self.sharding.full_state_dict(), optimizer_state=(tensors, meta), masters=masters)
 
     def save(self) -> Path | None:
+        if self.output is None:  # an in-memory run
+            return None
         gathered = self._gather_for_save()
         masters = gathered.pop("masters", None)
         if self.rank != 0:
@@ -311,6 +343,8 @@ class Trainer:
 
     def save_final(self) -> Path | None:
         """OUTPUT/final: the model in Hugging Face format (LoRA: merged into the base, adapters in final/adapter)."""
+        if self.output is None:
+            return None
         full = self.sharding.full_state_dict() if self.sharding else None  # FSDP: every process gathers
         if self.rank != 0:
             return self._barrier()
@@ -332,7 +366,7 @@ class Trainer:
         return final
 
     def _log(self, record: dict) -> None:
-        if self.rank != 0:
+        if self.rank != 0 or self.output is None:
             return
         with open(self.output / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -350,7 +384,8 @@ class Trainer:
             from tqdm.auto import tqdm
         except ImportError:
             return None
-        return tqdm(total=self.config.max_steps, initial=self.step, desc=f"unlearn {self.config.unlearn.method}", unit="step")
+        what = "finetune" if self.config.task == "finetune" else f"unlearn {self.config.unlearn.method}"
+        return tqdm(total=self.config.max_steps, initial=self.step, desc=what, unit="step")
 
 
 def _fix_architecture(config_json: Path, written: str, original: str) -> None:
