@@ -90,10 +90,16 @@ def test_relearning_brings_back_what_gradient_ascent_hid(taught):
     assert answer_accuracy(ga, data.forget_probe)["acc"] <= 0.25
     before = {k: v.clone() for k, v in ga.state_dict().items()}
     spec = RelearnSpec(samples=8, steps=10, lr=1e-3, batch_size=4, eval_every=5)
-    result = relearn_attack(ga, data.forget_train, data.forget_probe, spec, seed=0)
-    # questions never shown to the attacker come back (here at least 2 of the 16; the main job shows more)
-    assert result["forget_acc"] >= result["curve"][0][1] + 0.1, result["curve"]
-    assert result["scored"] == len(data.forget_train) - 8
+    # questions never shown to the attacker come back: the mean gain over five attack seeds (each its own
+    # split of shown / scored questions), not one seed's trajectory, which another CPU's rounding can flip.
+    # Measured on a Sapphire Rapids CPU, 1 and 2 threads alike: gains 0.31, 0.38, 0.25, 0.50, 0.19 (mean 0.325);
+    # the margin is under half of that.
+    gains = []
+    for seed in range(5):
+        result = relearn_attack(ga, data.forget_train, data.forget_probe, spec, seed=seed)
+        assert result["scored"] == len(data.forget_train) - 8
+        gains.append(result["forget_acc"] - result["curve"][0][1])
+    assert sum(gains) / len(gains) >= 0.15, gains
     for k, v in ga.state_dict().items():  # the attack works on a copy
         assert torch.equal(v, before[k])
 

@@ -1,5 +1,8 @@
 """Smoothing and parameter-space invariance regularisers by finite differences (SPEC §1.2b/c, §1.3, §1.4).
 
+The maths of the gradient penalty and of finite-difference Hessian-vector products has one home,
+``optim.sam`` (``gradient_penalty_terms``, ``fd_hvp``); this module applies it to the forget loss.
+
 Every gradient here is a combination of first-order gradients at a few points
 θ + δ: the weights are moved in place by the multi-tensor SAM engine
 (``ops.sam_perturb_``, one pass, backup in the same pass) and restored
@@ -16,7 +19,7 @@ import contextlib
 import torch
 
 from .. import ops
-from ..optim.sam import grads_of
+from ..optim.sam import fd_hvp, gradient_penalty_terms, grads_of
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -76,16 +79,18 @@ def sam_forget(params, loss_fn, weight: float, rho: float, adaptive: bool) -> di
 
 
 def gp_forget(params, loss_fn, weight: float, gamma: float, r: float) -> dict:
-    """ℓ_f + γ‖∇ℓ_f‖ by Zhao et al.'s form: (1 − a)∇ℓ(θ) + a∇ℓ(θ + r ∇ℓ/‖∇ℓ‖), a = γ/r (SPEC §1.4)."""
-    a = gamma / r
-    loss, metrics = loss_fn()
-    grads = grads_of(loss, params)
-    accumulate(params, grads, (1.0 - a) * weight)
-    with moved_along(params, grads, r) as state:
-        del grads
-        perturbed, _ = loss_fn()
-        (a * weight * perturbed).backward()
-    metrics.update(forget_loss=float(loss.detach()), forget_grad_norm=float(state.norm))
+    """ℓ_f + γ‖∇ℓ_f‖ by Zhao et al.'s form (SPEC §1.4): ``optim.sam.gradient_penalty_terms``, ×weight."""
+    seen = {}
+
+    def loss_only():
+        loss, metrics = loss_fn()
+        seen.setdefault("metrics", metrics)  # the metrics at θ (the first call)
+        return loss
+
+    grads, loss, norm = gradient_penalty_terms(params, loss_only, gamma, r)
+    accumulate(params, grads, weight)
+    metrics = seen["metrics"]
+    metrics.update(forget_loss=float(loss), forget_grad_norm=float(norm))
     return metrics
 
 
@@ -111,24 +116,26 @@ def rs_forget(params, loss_fn, weight: float, samples: int, sigma: float, seed: 
 def cr_forget(params, loss_fn, weight: float, gamma: float, h: float, r: float) -> dict:
     """ℓ_f + γ‖∇ℓ_f(θ + h z) − ∇ℓ_f(θ)‖, z = ∇ℓ_f/‖∇ℓ_f‖ held constant (SPEC §1.4).
 
-    With d = g(θ + hz) − g(θ) and u = d/‖d‖ the regulariser's gradient is
-    (H(θ + hz) − H(θ)) u ≈ [g(θ + hz + ru) − g(θ + hz) − g(θ + ru) + g(θ)] / r.
+    With d = g(θ + hz) − g(θ) and u = d/‖d‖ the regulariser's gradient is (H(θ + hz) − H(θ)) u: two
+    finite-difference Hessian-vector products along d (``optim.fd_hvp``, step r), at θ + hz and at θ.
     """
     loss, metrics = loss_fn()
     g0 = grads_of(loss, params)
+
+    def loss_only():
+        return loss_fn()[0]
+
     with moved_along(params, g0, h):
-        g1 = grads_of(loss_fn()[0], params)
+        g1 = grads_of(loss_only(), params)
         d = torch._foreach_sub(g1, g0)
-        curvature = _global_norm(d)
-        with moved_along(params, d, r):
-            g2 = grads_of(loss_fn()[0], params)
-    with moved_along(params, d, r):
-        g3 = grads_of(loss_fn()[0], params)
-    accumulate(params, g0, weight * (1.0 + gamma / r))
-    accumulate(params, g2, weight * gamma / r)
-    accumulate(params, g1, -weight * gamma / r)
-    accumulate(params, g3, -weight * gamma / r)
-    metrics.update(forget_loss=float(loss.detach()), curvature=curvature)
+        d_norm = _global_norm(d)
+        hvp_moved = fd_hvp(params, loss_only, d, r, grads=g1)
+    hvp_here = fd_hvp(params, loss_only, d, r, grads=g0)
+    accumulate(params, g0, weight)
+    scale = weight * gamma / d_norm if d_norm > 0 else 0.0
+    accumulate(params, hvp_moved, scale)
+    accumulate(params, hvp_here, -scale)
+    metrics.update(forget_loss=float(loss.detach()), curvature=d_norm)
     return metrics
 
 

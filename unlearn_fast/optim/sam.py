@@ -200,6 +200,13 @@ def gradient_penalty_grad(params, loss_fn: Callable[[], torch.Tensor], gamma: fl
 
     Written as g0 + a·(g1 − g0), the finite-difference accumulate step. Returns (gradient, ℓ(θ)).
     """
+    gradient, loss, _ = gradient_penalty_terms(params, loss_fn, gamma, r, backend=backend)
+    return gradient, loss
+
+
+def gradient_penalty_terms(params, loss_fn: Callable[[], torch.Tensor], gamma: float, r: float = 1e-3, *,
+                           backend: str | None = None) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """``gradient_penalty_grad`` plus ‖∇ℓ(θ)‖ (fp32 scalar tensor, no host sync): (gradient, ℓ(θ), norm)."""
     params = _param_list(params)
     if not r > 0:
         raise ValueError(f"r must be positive, got {r!r}")
@@ -209,4 +216,4 @@ def gradient_penalty_grad(params, loss_fn: Callable[[], torch.Tensor], gamma: fl
     state = ops.sam_perturb_(params, g0, r, backend=backend)
     g1 = _grads_while_moved(params, loss_fn, state)
     ops.fd_hvp_accumulate_(acc, g1, g0, gamma / r, restore=state, backend=backend)
-    return acc, loss.detach()
+    return acc, loss.detach(), state.norm
