@@ -68,9 +68,13 @@ class WordTokenizer:
         return " ".join(tokens)
 
     def save_pretrained(self, directory) -> None:
+        self._write(directory, FILE_NAME, {"vocab": self.vocab})
+
+    @staticmethod
+    def _write(directory, name: str, content: dict) -> None:
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        (path / FILE_NAME).write_text(json.dumps({"vocab": self.vocab}))
+        (path / name).write_text(json.dumps(content))
 
     @classmethod
     def from_pretrained(cls, directory) -> "WordTokenizer":
@@ -96,7 +100,4 @@ class CharTokenizer(WordTokenizer):
         return "".join(tokens)
 
     def save_pretrained(self, directory) -> None:
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "char_tokenizer.json").write_text(json.dumps({"kind": "unlearn_fast.CharTokenizer",
-                                                              "chars": self.chars}))
+        self._write(directory, "char_tokenizer.json", {"kind": "unlearn_fast.CharTokenizer", "chars": self.chars})

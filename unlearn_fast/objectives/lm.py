@@ -59,3 +59,21 @@ def check_batch(name: str, batch, *, need_labels: bool = True) -> None:
 
 def trainable_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def decoder_layers(module: nn.Module) -> nn.ModuleList:
+    """The repeated decoder blocks of a causal LM or of its body (the one rule: RMU's layer index and
+    FSDP's per-layer sharding both use it): the first ``nn.ModuleList`` named layers / h / blocks,
+    under ``.decoder`` too."""
+    try:
+        body = lm_parts(module).body
+    except TypeError:  # already a body (no output layer)
+        body = module
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(body, name, None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    decoder = getattr(body, "decoder", None)
+    if decoder is not None:
+        return decoder_layers(decoder)
+    raise TypeError(f"cannot find the decoder layers of {type(body).__name__} (no layers, h or blocks ModuleList)")

@@ -18,22 +18,11 @@ import torch
 from torch import nn
 
 from .config import UnlearnConfig
-from .lm import LMParts
+from .lm import LMParts, decoder_layers
 
 
 class _StopForward(Exception):
     pass
-
-
-def decoder_layers(body: nn.Module) -> nn.ModuleList:
-    for name in ("layers", "h", "blocks"):
-        layers = getattr(body, name, None)
-        if isinstance(layers, nn.ModuleList):
-            return layers
-    decoder = getattr(body, "decoder", None)
-    if decoder is not None:
-        return decoder_layers(decoder)
-    raise TypeError(f"cannot find the decoder layers of {type(body).__name__}")
 
 
 def steering_vector(hidden_size: int, seed: int, device, dtype) -> torch.Tensor:

@@ -57,7 +57,7 @@ import os
 import torch
 
 from .. import ops
-from ..objectives.lm import lm_parts
+from ..objectives.lm import decoder_layers
 
 
 def is_distributed() -> bool:
@@ -117,17 +117,12 @@ def data_parallel(params):
 
 # -- FSDP2 ------------------------------------------------------------------------------------------
 
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks to shard one by one: the classes a Hugging Face model lists in ``_no_split_modules``."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names = set(getattr(base, "_no_split_modules", None) or ())
-    layers = [m for m in base.modules() if type(m).__name__ in names]
-    if not layers:
-        layers = list(getattr(lm_parts(model).body, "layers", ()))
-    if not layers:
-        raise ValueError(f"parallel=fsdp: cannot find the decoder layers of {type(base).__name__} "
-                         "(no _no_split_modules and no body.layers)")
-    return layers
+def sharded_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks to shard one by one (``objectives.lm.decoder_layers``)."""
+    try:
+        return list(decoder_layers(model))
+    except TypeError as exc:
+        raise ValueError(f"parallel=fsdp: {exc}") from None
 
 
 class FSDPSharding:
@@ -149,7 +144,7 @@ class FSDPSharding:
     def __init__(self, model: torch.nn.Module, *, layerwise: bool = False):
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
-        for layer in decoder_layers(model):
+        for layer in sharded_layers(model):
             fully_shard(layer)
         fully_shard(model)
         self.model, self.layerwise = model, layerwise
