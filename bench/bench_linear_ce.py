@@ -2,7 +2,7 @@
 
 Variants (each in its own process, so its peak memory is its own):
   naive_ce        F.linear + F.cross_entropy (materialised fp32 logits)
-  naive_ce_irm    naive CE per environment + IRMv1 penalty by double backprop (tests/reference.py)
+  naive_ce_irm    naive CE per environment + IRMv1 penalty by double backprop (unlearn_fast/testing/reference.py)
   torch_chunked   torch's F.linear_cross_entropy, LinearCrossEntropyOptions(batch_chunk_size=512)
   ours_ce         uf.ops.linear_cross_entropy
   ours_ce_irm     uf.ops.linear_cross_entropy_irm (env_loss.mean() + penalty)

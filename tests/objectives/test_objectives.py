@@ -1,4 +1,4 @@
-"""uf.unlearning_gradients against the naive objectives of tests/reference_objectives.py on a tiny Llama."""
+"""uf.unlearning_gradients against the naive objectives of unlearn_fast/testing/reference_objectives.py on a tiny Llama."""
 import copy
 
 import pytest

@@ -1,4 +1,4 @@
-"""Multi-tensor SAM ops against the naive per-parameter loop (tests/reference_sam.py), every backend."""
+"""Multi-tensor SAM ops against the naive per-parameter loop (unlearn_fast/testing/reference_sam.py), every backend."""
 from __future__ import annotations
 
 import math
