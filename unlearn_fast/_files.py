@@ -7,10 +7,24 @@ import shutil
 from pathlib import Path
 
 
+def fsync_directory(path: Path, files: bool = True) -> None:
+    """Flush the directory's files (when asked) and the directory entry itself."""
+    for f in path.iterdir() if files else ():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
-def replace_directory(directory):
+def replace_directory(directory, *, durable: bool = False):
     """Yield a fresh temporary directory beside ``directory``; on success it replaces ``directory``
-    (whatever was there is removed); on an exception the temporary directory is removed instead."""
+    (whatever was there is removed); on an exception the temporary directory is removed instead.
+    ``durable``: flush the files before the rename and the parent's entry after (checkpoints)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
@@ -21,8 +35,12 @@ def replace_directory(directory):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if durable:
+        fsync_directory(tmp)
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
+    if durable:
+        fsync_directory(directory.parent, files=False)
 
 
 @contextlib.contextmanager

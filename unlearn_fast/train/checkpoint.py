@@ -13,7 +13,6 @@ and a function that cuts the loaded ones back into shards: the files are the sam
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -22,20 +21,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from .._files import replace_directory
+
 PREFIX = "checkpoint-"
-
-
-def _fsync_dir(path: Path, files: bool = True) -> None:
-    """Flush the directory's files (when asked) and the directory entry itself."""
-    for f in path.iterdir() if files else ():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def optimizer_tensors(optimizer) -> tuple[dict, dict]:
@@ -92,32 +80,24 @@ def save_checkpoint(output: Path, step: int, *, model, optimizer, scheduler, sta
     read from ``model`` / ``optimizer``: a sharded run passes them gathered."""
     output = Path(output)
     final = output / f"{PREFIX}{step}"
-    tmp = output / f".tmp-{PREFIX}{step}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    if model_tensors is None:
-        save_model(model, str(tmp / "model.safetensors"))
-    else:
-        seen, unique = set(), {}
-        for k, v in model_tensors.items():  # a tied weight once (safetensors refuses shared tensors)
-            if id(v) not in seen:
-                seen.add(id(v))
-                unique[k] = v.detach().contiguous().cpu()
-        save_file(unique, str(tmp / "model.safetensors"))
-    opt_tensors, opt_meta = optimizer_state or optimizer_tensors(optimizer)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    rng_tensors, rng_meta = rng_state()
-    extra = {f"rng.{k}": v for k, v in rng_tensors.items()}
-    extra.update({k: v.detach().contiguous().cpu() for k, v in (extra_tensors or {}).items()})
-    save_file(extra, str(tmp / "extra.safetensors"))
-    meta = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta, **state}
-    (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=_json_default))
-    _fsync_dir(tmp)
-    if final.exists():  # the same step saved again (a resumed run): replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(output, files=False)
+    with replace_directory(final, durable=True) as tmp:  # the same step saved again (a resumed run): replaced
+        if model_tensors is None:
+            save_model(model, str(tmp / "model.safetensors"))
+        else:
+            seen, unique = set(), {}
+            for k, v in model_tensors.items():  # a tied weight once (safetensors refuses shared tensors)
+                if id(v) not in seen:
+                    seen.add(id(v))
+                    unique[k] = v.detach().contiguous().cpu()
+            save_file(unique, str(tmp / "model.safetensors"))
+        opt_tensors, opt_meta = optimizer_state or optimizer_tensors(optimizer)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        rng_tensors, rng_meta = rng_state()
+        extra = {f"rng.{k}": v for k, v in rng_tensors.items()}
+        extra.update({k: v.detach().contiguous().cpu() for k, v in (extra_tensors or {}).items()})
+        save_file(extra, str(tmp / "extra.safetensors"))
+        meta = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta, **state}
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=_json_default))
     for old in list_checkpoints(output)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
