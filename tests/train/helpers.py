@@ -1,18 +1,10 @@
-"""A deterministic tiny setup for the trainer tests: a char-level tokenizer, QA records, a tiny Llama."""
+"""A deterministic tiny setup for the trainer tests: the package's char-level tokenizer, QA records, a tiny Llama."""
 from __future__ import annotations
 
 import torch
 
+from unlearn_fast.data.tokenizer import CharTokenizer
 from unlearn_fast.testing.tiny import tiny_llama
-
-
-class CharTokenizer:
-    """Just enough of a Hugging Face tokenizer for the trainer: encode and special token ids."""
-
-    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
-
-    def encode(self, text, add_special_tokens=False):
-        return [3 + (ord(c) % 90) for c in text]
 
 
 def records(kind: str, n: int = 12):
@@ -28,7 +20,7 @@ def setup(config, seed=0):
     from unlearn_fast.train import tokenize_records
 
     tok = CharTokenizer()
-    model = tiny_llama(seed=seed, layers=2, hidden=32)
+    model = tiny_llama(seed=seed, layers=2, hidden=32, vocab=tok.vocab_size)
     data = {k: tokenize_records(records(k), tok, max_length=config.max_length) for k in ("forget", "retain", "env")}
     return model, tok, data
 
