@@ -9,6 +9,8 @@ partial sums: no atomics, so the result is deterministic):
     fd_hvp_accumulate_(a, gm, g0, c)   a ← a + c·(gm − g0)
 
 bf16/fp16 values are loaded and converted to fp32 at once and rounded back only to store.
+Offsets are int64 (program id cast first): the flat buffer of an 8B model has more than 2**31
+elements, and int32 offsets would wrap and read or write out of bounds.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ TILES = 1 if _INTERPRET else 8       # iterations per program: fewer, larger pro
 @triton.jit
 def _squared_norm_kernel(x_ptr, w_ptr, partial_ptr, n, WEIGHTED: tl.constexpr, BLOCK: tl.constexpr,
                          TILES: tl.constexpr):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # int64 offsets: a flat buffer may pass 2**31 elements
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for t in range(TILES):
         offs = (pid * TILES + t) * BLOCK + tl.arange(0, BLOCK)
@@ -40,7 +42,7 @@ def _squared_norm_kernel(x_ptr, w_ptr, partial_ptr, n, WEIGHTED: tl.constexpr, B
 
 @triton.jit
 def _perturb_kernel(p_ptr, g_ptr, b_ptr, scale_ptr, n, ADAPTIVE: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     s = tl.load(scale_ptr).to(tl.float32)
     old = tl.load(p_ptr + offs, mask=mask)
@@ -55,14 +57,14 @@ def _perturb_kernel(p_ptr, g_ptr, b_ptr, scale_ptr, n, ADAPTIVE: tl.constexpr, B
 
 @triton.jit
 def _copy_kernel(dst_ptr, src_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=mask), mask=mask)
 
 
 @triton.jit
 def _fd_hvp_kernel(a_ptr, gm_ptr, g0_ptr, c_ptr, n, HAS_BASE: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     c = tl.load(c_ptr).to(tl.float32)
     d = tl.load(gm_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -70,6 +72,11 @@ def _fd_hvp_kernel(a_ptr, gm_ptr, g0_ptr, c_ptr, n, HAS_BASE: tl.constexpr, BLOC
         d = d - tl.load(g0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(a_ptr + offs, (a + c * d).to(a_ptr.dtype.element_ty), mask=mask)
+
+
+def cuda_blocks() -> tuple[int, int]:
+    """(BLOCK, TILES) of the launches on CUDA (the compile gate builds these)."""
+    return 4096, 8
 
 
 def _check_flat(name, t):
