@@ -30,10 +30,19 @@ from typing import NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
+from . import _chunked_linear_ce as cuda_chunked
 from . import _torch_linear_ce as torch_path
 from ._checks import check_ids, flatten_tokens, resolve_backend
 
 _REDUCTIONS = ("mean", "sum", "none")
+# Backends that walk [chunk, V] logits blocks and so can form the gradient in the forward pass:
+# the torch path (CPU, fallback) and the CUDA default (cuBLAS chunks + the Triton row kernel).
+_CHUNKED = ("torch", "triton_chunked")
+
+
+def _passes(backend):
+    """The module of chunk passes of a chunked backend (same functions, same contracts)."""
+    return cuda_chunked if backend == "triton_chunked" else torch_path
 
 
 class IRMOutput(NamedTuple):
@@ -63,7 +72,7 @@ def _forward_stats(backend, h, weight, bias, target, valid, ignore_index, chunk,
     if backend == "triton":
         return _kernels().linear_ce_forward(h, weight, bias, target, ignore_index)
     # Without E_p[z] the torch pass holds one [chunk, V] block instead of two.
-    return torch_path.chunked_pass(h, weight, bias, target, valid, chunk=chunk, want_ez=need_m)
+    return _passes(backend).chunked_pass(h, weight, bias, target, valid, chunk=chunk, want_ez=need_m)
 
 
 class _TokenStats(torch.autograd.Function):
@@ -102,6 +111,9 @@ class _TokenStats(torch.autograd.Function):
         lse = torch.where(valid, lse, torch.inf)
         if ctx.backend == "triton":
             d_h, d_w, d_b = _kernels().linear_ce_backward(h, weight, bias, target, lse, a, b, c)
+        elif ctx.backend == "triton_chunked":
+            _, (d_h, d_w, d_b) = cuda_chunked.chunked_pass(h, weight, bias, target, valid, lse=lse,
+                                                           coeffs=torch_path.Coeffs(a, b, c), chunk=ctx.chunk)
         else:
             coeffs = torch_path.Coeffs(a, b, c)
             if h.shape[0] < weight.shape[0]:
@@ -127,14 +139,15 @@ class _SummedCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, target, ignore_index, scale, chunk):
+    def forward(ctx, h, weight, bias, target, ignore_index, scale, chunk, backend):
         valid = target != ignore_index
         needs_grad = any(t is not None and t.requires_grad for t in (h, weight, bias))
+        passes = _passes(backend)
         if not needs_grad:
-            lse, zy, _ = torch_path.chunked_pass(h, weight, bias, target, valid, chunk=chunk, want_ez=False)
+            lse, zy, _ = passes.chunked_pass(h, weight, bias, target, valid, chunk=chunk, want_ez=False)
             return ((lse - zy).sum() * scale).to(lse.dtype)
         ones = valid.to(torch.float64 if h.dtype == torch.float64 else torch.float32)
-        (lse, zy, _), grads = torch_path.chunked_pass(
+        (lse, zy, _), grads = passes.chunked_pass(
             h, weight, bias, target, valid, coeffs=torch_path.Coeffs(ones, None, ones), chunk=chunk, want_ez=False
         )
         _keep_gradients(ctx, grads, h, weight, bias)
@@ -147,7 +160,7 @@ class _SummedCE(torch.autograd.Function):
         (scale,) = ctx.saved_tensors
         hint = "; use reduction='none' and reduce the result yourself if you need to"
         return (*_hand_over_gradients(ctx, g * scale, "linear_cross_entropy(reduction='mean'|'sum')", hint),
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def _keep_gradients(ctx, grads, h, weight, bias):
@@ -167,8 +180,8 @@ def _hand_over_gradients(ctx, factor, op: str, hint: str = ""):
 
 
 def _token_stats(h, weight, bias, target, ignore_index, backend, chunk, need_m=False):
-    if backend == "triton" and h.dtype == torch.float64:
-        raise TypeError("backend='triton' does not support float64; use backend='torch'")
+    if backend in ("triton", "triton_chunked") and h.dtype == torch.float64:
+        raise TypeError(f"backend={backend!r} does not support float64; use backend='torch'")
     return _TokenStats.apply(h, weight, bias, target, ignore_index, backend, chunk, need_m)
 
 
@@ -177,6 +190,8 @@ def _prepare(input, linear_weight, target, linear_bias, ignore_index, backend, *
     if h.dtype != linear_weight.dtype:
         raise TypeError(f"input ({h.dtype}) and linear_weight ({linear_weight.dtype}) must have the same dtype")
     backend = resolve_backend(backend, h.device, h.dtype)
+    if backend in ("triton", "triton_chunked") and h.dtype == torch.float64:
+        raise TypeError(f"backend={backend!r} does not support float64; use backend='torch'")
     return h.contiguous(), y, ids, backend
 
 
@@ -221,11 +236,13 @@ def linear_cross_entropy(
     h, y, _, backend = _prepare(input, linear_weight, target, linear_bias, ignore_index, backend)
     num_tokens = y.numel()
     h, y, _, rows = _labelled_rows(h, y, ignore_index)
-    if reduction != "none" and backend == "torch":
+    if reduction != "none" and backend in _CHUNKED:
+        if backend == "triton_chunked" and h.dtype == torch.float64:
+            raise TypeError("backend='triton_chunked' does not support float64; use backend='torch'")
         scale = torch.ones((), dtype=torch.float64 if h.dtype == torch.float64 else torch.float32, device=h.device)
         if reduction == "mean":
             scale = scale / max(y.numel(), 1)
-        return _SummedCE.apply(h, linear_weight, linear_bias, y, ignore_index, scale, chunk_size)
+        return _SummedCE.apply(h, linear_weight, linear_bias, y, ignore_index, scale, chunk_size, backend)
     ce, _ = _token_stats(h, linear_weight, linear_bias, y, ignore_index, backend, chunk_size)
     if reduction == "none":
         return _scatter_rows(ce, rows, num_tokens).reshape(target.shape)
@@ -318,9 +335,9 @@ class _IRMPenalty(torch.autograd.Function):
     """Torch path of the IRMv1 penalty with its gradient formed during the forward pass (see irm_penalty)."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, target, env, half, num_envs, chunk):
-        penalty, env_loss, scale_grad, grads = torch_path.irm_penalty_pass(h, weight, bias, target, env, half,
-                                                                           num_envs, chunk=chunk)
+    def forward(ctx, h, weight, bias, target, env, half, num_envs, chunk, backend):
+        penalty, env_loss, scale_grad, grads = _passes(backend).irm_penalty_pass(h, weight, bias, target, env, half,
+                                                                                 num_envs, chunk=chunk)
         _keep_gradients(ctx, grads, h, weight, bias)
         ctx.mark_non_differentiable(env_loss, scale_grad)
         return penalty, env_loss, scale_grad
@@ -328,7 +345,7 @@ class _IRMPenalty(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g, _g_loss, _g_scale):
-        return (*_hand_over_gradients(ctx, g, "irm_penalty"), None, None, None, None, None)
+        return (*_hand_over_gradients(ctx, g, "irm_penalty"), None, None, None, None, None, None)
 
 
 def irm_penalty(
@@ -357,11 +374,11 @@ def irm_penalty(
         t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
     h, y, env_id, half, resolved = _prepare_irm(input, linear_weight, target, env, num_envs, linear_bias,
                                                 ignore_index, backend, unbiased)
-    if resolved != "torch" or not needs_grad:
+    if resolved not in _CHUNKED or not needs_grad:
         out = _irm_of_rows(h, y, env_id, half, resolved, linear_weight, linear_bias, num_envs, ignore_index, chunk_size)
         return IRMOutput(out.env_loss.detach(), out.env_scale_grad.detach(), out.penalty)
     penalty, env_loss, scale_grad = _IRMPenalty.apply(h, linear_weight, linear_bias, y, env_id, half, num_envs,
-                                                      chunk_size)
+                                                      chunk_size, resolved)
     return IRMOutput(env_loss, scale_grad, penalty)
 
 
@@ -403,9 +420,9 @@ class _SequenceLoss(torch.autograd.Function):
     """Torch path of Σ_s φ(nll_s) with the gradient formed during the forward pass (see sequence_loss)."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, target, lengths, per_sequence_loss, chunk):
-        total, nll, grads = torch_path.sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss,
-                                                          chunk=chunk)
+    def forward(ctx, h, weight, bias, target, lengths, per_sequence_loss, chunk, backend):
+        total, nll, grads = _passes(backend).sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss,
+                                                                chunk=chunk)
         _keep_gradients(ctx, grads, h, weight, bias)
         ctx.mark_non_differentiable(nll)
         return total, nll
@@ -413,7 +430,7 @@ class _SequenceLoss(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g, _g_nll):
-        return (*_hand_over_gradients(ctx, g, "sequence_loss"), None, None, None, None)
+        return (*_hand_over_gradients(ctx, g, "sequence_loss"), None, None, None, None, None)
 
 
 def sequence_loss(
@@ -443,12 +460,14 @@ def sequence_loss(
     h, y, _, backend = _prepare(input, linear_weight, target, linear_bias, ignore_index, backend)
     lengths = (target != ignore_index).sum(1)
     longest = int(lengths.max()) if lengths.numel() else 0
-    fits = longest * linear_weight.shape[0] <= torch_path._WORKSPACE_ELEMS and (chunk_size is None or chunk_size >= longest)
+    workspace = _passes(backend)._WORKSPACE_ELEMS if backend in _CHUNKED else 0
+    fits = longest * linear_weight.shape[0] <= workspace and (chunk_size is None or chunk_size >= longest)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
-    if backend == "torch" and fits and needs_grad and longest > 0:
+    if backend in _CHUNKED and fits and needs_grad and longest > 0:
         h, y, _, _ = _labelled_rows(h, y, ignore_index)
-        loss, nll = _SequenceLoss.apply(h, linear_weight, linear_bias, y, lengths, per_sequence_loss, chunk_size)
+        loss, nll = _SequenceLoss.apply(h, linear_weight, linear_bias, y, lengths, per_sequence_loss, chunk_size,
+                                        backend)
         return SequenceLoss(loss, nll, lengths)
     nll, count = sequence_nll(input, linear_weight, target, linear_bias=linear_bias, ignore_index=ignore_index,
                               backend=backend, chunk_size=chunk_size)

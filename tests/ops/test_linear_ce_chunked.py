@@ -1,0 +1,247 @@
+"""The atomics-free CUDA path (backend "triton_chunked": cuBLAS-style chunks + the Triton row kernel)
+and the torch path's CUDA branch (bf16 matmuls, fp32 accumulation), both forced on the CPU.
+
+The row kernel runs under the Triton interpreter here; the chunk matmuls are torch's. Tolerance
+rule (DESIGN.md): error against fp64 truth at most the same-dtype naive reference's plus a slack.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import unlearn_fast as uf
+from tests.conftest import HAS_TRITON
+from tests.reference import naive_irm, naive_linear_ce, naive_sequence_nll
+
+N, H, V, E = 29, 17, 75, 3  # odd shapes, few row programs (the interpreter runs each one)
+SLACK = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+pytestmark = pytest.mark.skipif(
+    not HAS_TRITON or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="needs triton on a GPU or under TRITON_INTERPRET=1")
+
+
+def inputs(dtype, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, H, generator=g, dtype=torch.float64).to(dtype)
+    w = (torch.randn(V, H, generator=g, dtype=torch.float64) * 0.4).to(dtype)
+    b = torch.randn(V, generator=g, dtype=torch.float64).to(dtype) if bias else None
+    y = torch.randint(0, V, (N,), generator=g)
+    y[::4] = -100
+    return h, w, b, y
+
+
+def leaves(tensors, dtype=None):
+    return [t.detach().to(dtype or t.dtype).requires_grad_() if t is not None else None for t in tensors]
+
+
+def err(a, truth):
+    return (a.detach().double() - truth.detach().double()).abs().max().item()
+
+
+def check(ours, naive, truth, dtype, what):
+    limit = err(naive, truth) + SLACK[dtype] * max(truth.detach().abs().max().item(), 1.0)
+    assert err(ours, truth) <= limit, f"{what}: {err(ours, truth):.3g} > {limit:.3g}"
+
+
+def compare(dtype, loss_of, bias=True, seed=0):
+    """loss_of(h, w, b, backend|None) -> scalar; None = naive reference. Values and grads of h, w, b."""
+    h, w, b, _ = inputs(dtype, seed, bias)
+    results = {}
+    for name, cast, backend in (("truth", torch.float64, None), ("naive", None, None), ("ours", None, "triton_chunked")):
+        t = leaves((h, w, b), cast)
+        loss = loss_of(*t, backend)
+        grads = torch.autograd.grad(loss, [x for x in t if x is not None])
+        results[name] = (loss, grads, t)
+    (lt, gt, _), (ln, gn, _), (lo, go, to) = results["truth"], results["naive"], results["ours"]
+    check(lo, ln, lt, dtype, "loss")
+    for i, (a, n_, t_) in enumerate(zip(go, gn, gt)):
+        assert a.dtype == to[i].dtype
+        check(a, n_, t_, dtype, f"grad {'hwb'[i]}")
+
+
+# -- the row kernel itself ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_kernel_statistics_and_gradient(dtype):
+    from unlearn_fast.kernels.linear_ce_rows import rows_
+
+    g = torch.Generator().manual_seed(3)
+    z = (torch.randn(7, 150, generator=g) * 4).to(dtype)
+    y = torch.randint(0, 150, (7,), generator=g)
+    y[2] = -1  # no label
+    z64 = z.double()
+    valid = y != -1
+    lse_t = torch.where(valid, z64.logsumexp(1), 0)
+    zy_t = torch.where(valid, z64.gather(1, y.clamp(min=0)[:, None])[:, 0], 0)
+    ez_t = torch.where(valid, (z64.softmax(1) * z64).sum(1), 0)
+    lse, zy, ez = rows_(z.clone(), y, -1, want_ez=True)
+    for got, want in ((lse, lse_t), (zy, zy_t), (ez, ez_t)):
+        assert got.dtype == torch.float32
+        assert torch.allclose(got.double(), want, atol=1e-5, rtol=1e-5)
+    a, b, c = (torch.rand(7, generator=g) for _ in range(3))
+    dz = z.clone()
+    rows_(dz, y, -1, want_ez=True, coeffs=(a, b, c))  # statistics and gradient in one launch
+    p = (z64 - lse_t[:, None]).exp()
+    want = p * (a.double()[:, None] + b.double()[:, None] * z64)
+    want[valid.nonzero()[:, 0], y[valid]] -= c.double()[valid]
+    want[~valid] = 0
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(dz.double(), want, atol=tol, rtol=tol)
+    dz2 = z.clone()
+    rows_(dz2, y, -1, lse=torch.where(valid, lse, torch.inf), coeffs=(a, None, c))  # gradient only, lse known
+    want2 = p * a.double()[:, None]
+    want2[valid.nonzero()[:, 0], y[valid]] -= c.double()[valid]
+    want2[~valid] = 0
+    assert torch.allclose(dz2.double(), want2, atol=tol, rtol=tol)
+
+
+def test_row_kernel_propagates_nan():
+    from unlearn_fast.kernels.linear_ce_rows import rows_
+
+    z = torch.randn(2, 70)
+    z[1, 5] = float("nan")
+    lse, _, _ = rows_(z, torch.tensor([3, 4]), -1)
+    assert torch.isfinite(lse[0]) and torch.isnan(lse[1])
+
+
+# -- the ops on the chunked CUDA path -------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_ce(dtype, reduction):
+    _, _, _, y = inputs(dtype)
+    up = torch.rand(N, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def loss_of(h, w, b, backend):
+        if backend is None:
+            out = naive_linear_ce(h, w, y, b, reduction)
+        else:
+            out = uf.ops.linear_cross_entropy(h, w, y, linear_bias=b, reduction=reduction, backend=backend,
+                                              chunk_size=8)
+        return (out.double() * up).sum() if reduction == "none" else out
+
+    compare(dtype, loss_of)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_ce_irm_with_an_empty_environment(dtype, unbiased):
+    _, _, _, y = inputs(dtype)
+    env = torch.arange(N) % E
+    env[env == 2] = 1  # environment 2 has no token
+    halves = uf.ops.linear_ce._unbiased_halves(env, y != -100, E, (N,)) if unbiased else None
+
+    def loss_of(h, w, b, backend):
+        if backend is None:
+            loss, s, pen = naive_irm(h, w, y, env, E, b, unbiased=unbiased, halves=halves)
+        else:
+            out = uf.ops.linear_cross_entropy_irm(h, w, y, env, num_envs=E, linear_bias=b, unbiased=unbiased,
+                                                  backend=backend, chunk_size=8)
+            loss, s, pen = out
+            assert float(loss[2].detach()) == 0 and float(s[2].detach()) == 0
+        return loss.sum() + 3 * pen + s.sum()
+
+    compare(dtype, loss_of)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_irm_penalty_gradient_in_forward(dtype):
+    _, _, _, y = inputs(dtype)
+    env = torch.arange(N) * E // N
+
+    def loss_of(h, w, b, backend):
+        if backend is None:
+            return naive_irm(h, w, y, env, E, b)[2]
+        return uf.ops.irm_penalty(h, w, y, env, num_envs=E, linear_bias=b, backend=backend, chunk_size=8).penalty
+
+    compare(dtype, loss_of)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sequence_nll_and_sequence_loss(dtype):
+    _, _, _, y = inputs(dtype)
+    seq = torch.arange(N) * 4 // N
+
+    def nll_of(h, w, b, backend):
+        if backend is None:
+            nll = naive_sequence_nll(h, w, y, seq, 4, b)[0]
+        else:
+            nll = uf.ops.sequence_nll(h, w, y, seq, num_seqs=4, linear_bias=b, backend=backend, chunk_size=8).nll
+        return (nll * torch.arange(1.0, 5.0, dtype=nll.dtype)).sum()
+
+    compare(dtype, nll_of)
+    rows = torch.arange(N - 1)  # [4, 7, H]: one sequence per row for sequence_loss
+    y2 = y[rows].view(4, 7)
+    phi = lambda nll, ids: torch.nn.functional.logsigmoid(-0.1 * nll) * (ids + 1)  # noqa: E731
+
+    def loss_of(h, w, b, backend):
+        h2 = h[rows].view(4, 7, H)
+        if backend is None:
+            nll = naive_sequence_nll(h2, w, y2, torch.arange(4).repeat_interleave(7).view(4, 7), 4, b)[0]
+            return phi(nll, torch.arange(4)).sum()
+        return uf.ops.sequence_loss(h2, w, y2, phi, linear_bias=b, backend=backend).loss
+
+    compare(dtype, loss_of)
+
+
+def test_auto_is_the_chunked_path_on_cuda_and_torch_on_cpu():
+    from unlearn_fast.ops._checks import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cuda"), torch.bfloat16) == "triton_chunked"
+    assert resolve_backend("auto", torch.device("cuda"), torch.float64) == "torch"
+    assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16) == "torch"
+
+
+def test_float64_is_refused_by_name():
+    h, w, b, y = inputs(torch.float64)
+    with pytest.raises(TypeError, match="triton_chunked"):
+        uf.ops.linear_cross_entropy(h, w, y, backend="triton_chunked")
+
+
+# -- the torch path's CUDA branch -----------------------------------------------------------------
+
+def test_matmul_dtype_policy():
+    from unlearn_fast.ops._matmul import matmul_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert matmul_dtype(torch.bfloat16, cuda) == torch.bfloat16
+    assert matmul_dtype(torch.float16, cuda) == torch.float16
+    assert matmul_dtype(torch.float32, cuda) == torch.float32
+    assert matmul_dtype(torch.bfloat16, cpu) == torch.float32  # the CPU path keeps its numbers
+    assert matmul_dtype(torch.float64, cuda) == torch.float64
+
+
+@pytest.mark.parametrize("callable_coeffs", [False, True])
+def test_torch_path_cuda_branch_multiplies_in_bf16_and_accumulates_in_fp32(monkeypatch, callable_coeffs):
+    """chunked_pass with the CUDA policy (bf16 operands) forced on the CPU: every matmul gets bf16
+    operands (W is never upcast), results and sums stay fp32, numbers within the rule."""
+    from unlearn_fast.ops import _torch_linear_ce as tp
+
+    seen = []
+    real = tp.mm_into
+
+    def spy(out, a, b, **kw):
+        seen.append((a.dtype, b.dtype, out.dtype))
+        return real(out, a, b, **kw)
+
+    monkeypatch.setattr(tp, "mm_into", spy)
+    h, w, b, y = inputs(torch.bfloat16)
+    valid = y != -100
+    ones = valid.float()
+    coeffs = (lambda lse, zy, ez: tp.Coeffs(torch.ones_like(lse), None, torch.ones_like(lse))) if callable_coeffs \
+        else tp.Coeffs(ones, None, ones)
+    (lse, zy, _), (d_h, d_w, d_b) = tp.chunked_pass(h, w, b, y, valid, coeffs=coeffs, chunk=8,
+                                                    matmul=torch.bfloat16)
+    assert seen and all(a == torch.bfloat16 and bb == torch.bfloat16 and o == torch.float32 for a, bb, o in seen)
+    assert d_w.dtype == torch.float32 and d_h.dtype == torch.float32
+    truth_in = leaves((h, w, b), torch.float64)
+    naive_in = leaves((h, w, b))
+    truth = naive_linear_ce(*truth_in[:2], y, truth_in[2], "sum")
+    naive = naive_linear_ce(*naive_in[:2], y, naive_in[2], "sum")
+    gt = torch.autograd.grad(truth, truth_in)
+    gn = torch.autograd.grad(naive, naive_in)
+    check((lse - zy).sum(), naive, truth, torch.bfloat16, "loss")
+    for ours, n_, t_ in zip((d_h, d_w, d_b), gn, gt):
+        check(ours, n_, t_, torch.bfloat16, "grad")
