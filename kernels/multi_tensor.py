@@ -23,6 +23,8 @@ import triton.language as tl
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 256 if _INTERPRET else 4096  # elements per program per iteration
 TILES = 1 if _INTERPRET else 8       # iterations per program: fewer, larger programs for the norm
+# 8 warps: 16 elements per thread; with 4 the weighted fp16 norm spilled 156 B (compile gate)
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -74,9 +76,9 @@ def _fd_hvp_kernel(a_ptr, gm_ptr, g0_ptr, c_ptr, n, HAS_BASE: tl.constexpr, BLOC
     tl.store(a_ptr + offs, (a + c * d).to(a_ptr.dtype.element_ty), mask=mask)
 
 
-def cuda_blocks() -> tuple[int, int]:
-    """(BLOCK, TILES) of the launches on CUDA (the compile gate builds these)."""
-    return 4096, 8
+def cuda_launch() -> tuple[int, int, int]:
+    """(BLOCK, TILES, num_warps) of the launches on CUDA (the compile gate builds these)."""
+    return 4096, 8, NUM_WARPS
 
 
 def _check_flat(name, t):
@@ -98,7 +100,7 @@ def squared_norm(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor
     partial = torch.empty(programs, dtype=torch.float32, device=x.device)
     if n:
         _squared_norm_kernel[(programs,)](x, w if w is not None else x, partial, n, WEIGHTED=w is not None,
-                                          BLOCK=BLOCK, TILES=TILES)
+                                          BLOCK=BLOCK, TILES=TILES, num_warps=NUM_WARPS)
     else:
         partial.zero_()
     return partial.sum()
@@ -109,7 +111,8 @@ def perturb_(p: torch.Tensor, g: torch.Tensor, b: torch.Tensor, scale, adaptive:
         _check_flat(name, t)
     n = p.numel()
     if n:
-        _perturb_kernel[(triton.cdiv(n, BLOCK),)](p, g, b, _scalar(scale, p.device), n, ADAPTIVE=adaptive, BLOCK=BLOCK)
+        _perturb_kernel[(triton.cdiv(n, BLOCK),)](p, g, b, _scalar(scale, p.device), n, ADAPTIVE=adaptive, BLOCK=BLOCK,
+                                                   num_warps=NUM_WARPS)
 
 
 def restore_(p: torch.Tensor, b: torch.Tensor) -> None:
@@ -117,7 +120,7 @@ def restore_(p: torch.Tensor, b: torch.Tensor) -> None:
     _check_flat("b", b)
     n = p.numel()
     if n:
-        _copy_kernel[(triton.cdiv(n, BLOCK),)](p, b, n, BLOCK=BLOCK)
+        _copy_kernel[(triton.cdiv(n, BLOCK),)](p, b, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
 def fd_hvp_accumulate_(acc: torch.Tensor, g_moved: torch.Tensor, g_base: torch.Tensor | None, coeff) -> None:
@@ -127,4 +130,4 @@ def fd_hvp_accumulate_(acc: torch.Tensor, g_moved: torch.Tensor, g_base: torch.T
     if n:
         base = g_base if g_base is not None else g_moved
         _fd_hvp_kernel[(triton.cdiv(n, BLOCK),)](acc, g_moved, base, _scalar(coeff, acc.device), n,
-                                                HAS_BASE=g_base is not None, BLOCK=BLOCK)
+                                                HAS_BASE=g_base is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
