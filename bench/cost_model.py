@@ -35,7 +35,7 @@ SHAPES = {
 }
 BF16, FP32 = 2, 4
 CHUNK_WORKSPACE = 1 << 29  # ops/_chunked_linear_ce._WORKSPACE_ELEMS (read from there when importable)
-FUSED = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64)  # kernels/linear_ce.config(bf16) on CUDA
+FUSED = dict(BLOCK_N=64, BLOCK_V=128)  # kernels/linear_ce.config(bf16) on CUDA, forward and backward
 
 
 @dataclass
@@ -94,10 +94,15 @@ def _dh_mm(c, h, v):
     return Kernel("d input = dz W (cuBLAS, fp32 out)", 2 * c * h * v, BF16 * (c * v + v * h) + FP32 * c * h, grid=(c, h))
 
 
-def _dw_mm(c, h, v):
-    # fp32 C read and written (beta = 1)
-    return Kernel("d weight += dzᵀ h (cuBLAS, fp32 accumulate)", 2 * c * h * v,
-                  BF16 * (c * v + c * h) + 2 * FP32 * v * h, grid=(v, h))
+def _dw_mm(c, h, v, first=False):
+    # fp32 C read and written (beta = 1); the first chunk only writes it (beta = 0, no zero fill)
+    return Kernel("d weight = dzᵀ h (first chunk)" if first else "d weight += dzᵀ h (cuBLAS, fp32 accumulate)",
+                  2 * c * h * v, BF16 * (c * v + c * h) + (1 if first else 2) * FP32 * v * h, grid=(v, h))
+
+
+def _dw_mms(var, c, h, v, chunks, times=1):
+    var.add(_dw_mm(c, h, v, first=True), times)
+    var.add(_dw_mm(c, h, v), times * (chunks - 1))
 
 
 def _rows(c, v, reads, writes, what):
@@ -112,11 +117,10 @@ def chunked_ce(n, h, v, e) -> Variant:
     """uf.ops.linear_cross_entropy (mean) on CUDA: gradient formed in the forward (_SummedCE)."""
     c, chunks = _chunks(n, v)
     var = Variant("ours_ce", f"chunked, gradient in the forward: {chunks} chunk(s) of {c} rows")
-    var.add(_elementwise("d weight zero fill", FP32 * v * h))
     var.add(_logits_mm(c, h, v), chunks)
     var.add(_rows(c, v, 2, 1, "statistics + dz in one launch"), chunks)
     var.add(_dh_mm(c, h, v), chunks)
-    var.add(_dw_mm(c, h, v), chunks)
+    _dw_mms(var, c, h, v, chunks)
     var.add(_elementwise("backward: scale kept grads + cast to bf16", FP32 * 2 * (v * h + n * h) + (FP32 + BF16) * (v * h + n * h)))
     return var
 
@@ -127,11 +131,10 @@ def chunked_ce_irm(n, h, v, e) -> Variant:
     var = Variant("ours_ce_irm", f"chunked, statistics forward + recompute backward: {chunks} chunk(s) of {c} rows")
     var.add(_logits_mm(c, h, v), chunks)
     var.add(_rows(c, v, 1, 0, "forward statistics lse, z_y, E_p[z]"), chunks)
-    var.add(_elementwise("d weight zero fill", FP32 * v * h))
     var.add(_logits_mm(c, h, v), chunks)
     var.add(_rows(c, v, 1, 1, "backward dz, lse known"), chunks)
     var.add(_dh_mm(c, h, v), chunks)
-    var.add(_dw_mm(c, h, v), chunks)
+    _dw_mms(var, c, h, v, chunks)
     var.add(_elementwise("cast grads to bf16", (FP32 + BF16) * (v * h + n * h)))
     return var
 
@@ -142,13 +145,13 @@ def chunked_penalty(n, h, v, e) -> Variant:
     c, chunks = _chunks(per_env, v)
     var = Variant("ours_penalty", f"chunked, per environment ({e} x {per_env} tokens), gradient in the forward: "
                                   f"{chunks} chunk(s) of {c} rows each")
-    var.add(_elementwise("d weight zero fill (per environment)", FP32 * v * h), e)
     var.add(_logits_mm(c, h, v), e * chunks)
     var.add(_rows(c, v, 1, 0, "statistics"), e * chunks)
     var.add(_rows(c, v, 1, 1, "dz from the chunk's statistics"), e * chunks)
     var.add(_dh_mm(c, h, v), e * chunks)
-    var.add(_dw_mm(c, h, v), e * chunks)
-    var.add(_elementwise("scale by 2 s_e and add into the total (per environment)", FP32 * 5 * v * h), e)
+    _dw_mms(var, c, h, v, chunks, times=e)
+    var.add(_elementwise("first environment: scale by 2 s_e (the total)", FP32 * 2 * v * h))
+    var.add(_elementwise("total += 2 s_e · group buffer (addcmul, per environment)", FP32 * 3 * v * h), e - 1)
     var.add(_elementwise("backward: scale kept grads + cast to bf16", FP32 * 2 * (v * h + n * h) + (FP32 + BF16) * (v * h + n * h)))
     return var
 

@@ -68,6 +68,8 @@ def _linear_ce_builds():
     for dt in _DTYPES:
         cfg = dict(k.config(_torch_dtype(dt), interpret=False))
         warps = cfg.pop("num_warps")
+        bwd_cfg = dict(k.config(_torch_dtype(dt), interpret=False, backward=True))
+        bwd_warps = bwd_cfg.pop("num_warps")
         flags = k.flags(_torch_dtype(dt), interpret=False)
         ptr = f"*{dt}"
         strides = dict(stride_hn="i32", stride_hd="i32", stride_wv="i32", stride_wd="i32")
@@ -81,7 +83,7 @@ def _linear_ce_builds():
                            bcoef_ptr="*fp32", c_ptr="*fp32", dh_ptr="*fp32", dw_ptr="*fp32", db_ptr="*fp32",
                            N="i32", V="i32", D="i32", **strides)
                 out.append(Build("linear_ce._linear_ce_bwd_kernel", f"{dt} bias={int(bias)} irm={int(has_b)}", sig,
-                                 dict(HAS_BIAS=bias, HAS_B=has_b, **flags, **cfg), warps, dt != "fp32"))
+                                 dict(HAS_BIAS=bias, HAS_B=has_b, **flags, **bwd_cfg), bwd_warps, dt != "fp32"))
     return out
 
 
@@ -146,6 +148,7 @@ def _no_interpreter():
 
 def _init_worker(cache_dir: str):
     os.environ["TRITON_CACHE_DIR"] = cache_dir
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # ptxas -v's log printed to stdout (captured per build)
     _no_interpreter()
 
 
@@ -179,7 +182,8 @@ def compile_build(build: Build, arch: str, keep_ir: bool = False) -> dict:
     src = ASTSource(fn, signature=signature, constexprs=build.constexprs, attrs=build.attrs)
     log = io.StringIO()
     try:
-        knobs.nvidia.dump_ptxas_log = True  # ptxas -v output goes to stdout: captured here
+        if hasattr(knobs.nvidia, "dump_ptxas_log"):
+            knobs.nvidia.dump_ptxas_log = True  # ptxas -v output goes to stdout: captured here
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
                                       options=dict(num_warps=build.num_warps))

@@ -144,6 +144,11 @@ def test_every_launch_configuration_is_built():
         want = dict(linear_ce.config(dtype, interpret=False))
         want.pop("num_warps")
         assert {k: b.constexprs[k] for k in want} == want
+    for b in (b for b in builds if b.kernel.endswith("_bwd_kernel")):
+        dtype = torch.float32 if b.variant.startswith("fp32") else torch.bfloat16
+        want = dict(linear_ce.config(dtype, interpret=False, backward=True))
+        assert b.num_warps == want.pop("num_warps")
+        assert {k: b.constexprs[k] for k in want} == want
     rows = [b for b in builds if b.kernel.endswith("_rows_kernel")]
     assert {b.constexprs["BLOCK_V"] for b in rows} == {linear_ce_rows.config(torch.float32, False)["BLOCK_V"],
                                                       linear_ce_rows.config(torch.bfloat16, False)["BLOCK_V"]}

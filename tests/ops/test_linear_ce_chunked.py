@@ -146,15 +146,17 @@ def test_ce_irm_with_an_empty_environment(dtype, unbiased):
     compare(dtype, loss_of)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_irm_penalty_gradient_in_forward(dtype):
+@pytest.mark.parametrize("dtype,unbiased", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+def test_irm_penalty_gradient_in_forward(dtype, unbiased):
     _, _, _, y = inputs(dtype)
     env = torch.arange(N) * E // N
+    halves = uf.ops.linear_ce._unbiased_halves(env, y != -100, E, (N,)) if unbiased else None
 
     def loss_of(h, w, b, backend):
         if backend is None:
-            return naive_irm(h, w, y, env, E, b)[2]
-        return uf.ops.irm_penalty(h, w, y, env, num_envs=E, linear_bias=b, backend=backend, chunk_size=8).penalty
+            return naive_irm(h, w, y, env, E, b, unbiased=unbiased, halves=halves)[2]
+        return uf.ops.irm_penalty(h, w, y, env, num_envs=E, linear_bias=b, unbiased=unbiased, backend=backend,
+                                  chunk_size=8).penalty
 
     compare(dtype, loss_of)
 

@@ -37,15 +37,16 @@ def _rows():
 
 
 def _grad_buffers(n, hidden, vocab, bias, device):
+    # d weight is not zeroed: the first chunk's matmul writes it (beta = 0), later ones add
     d_h = torch.empty(n, hidden, dtype=torch.float32, device=device)
-    d_w = torch.zeros(vocab, hidden, dtype=torch.float32, device=device)
+    d_w = torch.empty(vocab, hidden, dtype=torch.float32, device=device)
     d_b = torch.zeros(vocab, dtype=torch.float32, device=device) if bias is not None else None
     return d_h, d_w, d_b
 
 
-def _accumulate(dz, hc, weight, d_h_rows, d_w, d_b):
+def _accumulate(dz, hc, weight, d_h_rows, d_w, d_b, first: bool):
     mm_into(d_h_rows, dz, weight)
-    mm_into(d_w, dz.T, hc, accumulate=True)
+    mm_into(d_w, dz.T, hc, accumulate=not first)
     if d_b is not None:
         d_b += dz.sum(0, dtype=torch.float32)
 
@@ -62,6 +63,8 @@ def chunked_pass(h, weight, bias, target, valid, *, lse=None, coeffs=None, chunk
     out_zy, out_ez = torch.zeros_like(out_lse), torch.zeros_like(out_lse)
     if coeffs is not None:
         d_h, d_w, d_b = _grad_buffers(n, hidden, vocab, bias, h.device)
+    if coeffs is not None and n == 0:
+        d_w.zero_()
     z_buf = torch.empty(min(chunk, n), vocab, dtype=h.dtype, device=h.device)
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
@@ -82,7 +85,7 @@ def chunked_pass(h, weight, bias, target, valid, *, lse=None, coeffs=None, chunk
             chunk_lse, zy, ez = rows_(z, y, _NO_LABEL, want_ez=want_ez, coeffs=_chunk_coeffs(coeffs, rows))
             out_lse[rows], out_zy[rows], out_ez[rows] = chunk_lse, zy, ez
         if coeffs is not None:
-            _accumulate(z, hc, weight, d_h[rows], d_w, d_b)
+            _accumulate(z, hc, weight, d_h[rows], d_w, d_b, first=start == 0)
     stats = (out_lse, out_zy, out_ez)
     return stats if coeffs is None else (stats, (d_h, d_w, d_b))
 
@@ -102,6 +105,8 @@ def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, c
     nll = torch.zeros(len(sizes), dtype=torch.float32, device=h.device)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     d_h, d_w, d_b = _grad_buffers(n, hidden, vocab, bias, h.device)
+    if n == 0:
+        d_w.zero_()
     z_buf = torch.empty(min(budget, n), vocab, dtype=h.dtype, device=h.device)
     s0 = r0 = 0
     while s0 < len(sizes):
@@ -124,12 +129,61 @@ def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, c
         total += phi.detach()
         coeff = slope.float()[local]  # d z = φ'(nll_s) (p − onehot) on the sequence's tokens
         rows_(z, y, _NO_LABEL, lse=lse, coeffs=(coeff, None, coeff))
-        _accumulate(z, hc, weight, d_h[r], d_w, d_b)
+        _accumulate(z, hc, weight, d_h[r], d_w, d_b, first=r0 == 0)
         s0, r0 = s1, r1
     return total, nll, (d_h, d_w, d_b)
 
 
 def irm_penalty_pass(h, weight, bias, target, env, half, num_envs, *, chunk=None):
-    """Same contract as ``_torch_linear_ce.irm_penalty_pass``, each group's pass on the row kernel."""
-    return torch_path.irm_penalty_pass(h, weight, bias, target, env, half, num_envs, chunk=chunk,
-                                       pass_fn=chunked_pass)
+    """Same contract and maths as ``_torch_linear_ce.irm_penalty_pass`` (see there), on the row kernel, with
+    the [V, H] traffic cut: a group's d weight buffer is written by its first matmul (no zero fill) and
+    folded into the total by one ``addcmul_`` with its slope (no separate scale pass)."""
+    n, hidden = h.shape
+    vocab = weight.shape[0]
+    device = h.device
+    penalty = torch.zeros((), dtype=torch.float32, device=device)
+    env_ce = torch.zeros(num_envs, dtype=torch.float32, device=device)
+    env_s = torch.zeros_like(env_ce)
+    d_h = torch.zeros(n, hidden, dtype=torch.float32, device=device)
+    d_w = d_b = None
+    for e in range(num_envs):
+        in_env = env == e
+        groups = [in_env] if half is None else [in_env & (half == 0), in_env & (half == 1)]
+        done = []  # (rows, s_k, gradients of s_k)
+        for member in groups:
+            rows = member.nonzero().squeeze(1)
+            count = rows.numel()
+            if count == 0:
+                done.append((rows, torch.zeros((), device=device), None))
+                continue
+            scale = 1.0 / count
+
+            def unit(lse, zy, ez, scale=scale):  # ∂s_k/∂z = scale · (p (1 − ez + z) − onehot)
+                return Coeffs((1 - ez) * scale, torch.full_like(ez, scale), torch.full_like(ez, scale))
+
+            valid = torch.ones(count, dtype=torch.bool, device=device)
+            (lse, zy, ez), grads = chunked_pass(h[rows], weight, bias, target[rows], valid, coeffs=unit, chunk=chunk)
+            env_ce[e] += (lse - zy).sum()
+            env_s[e] += (ez - zy).sum()
+            done.append((rows, (ez - zy).sum() * scale, grads))
+        if half is None:
+            slopes = [2 * done[0][1]]
+            penalty += done[0][1] ** 2
+        else:
+            slopes = [done[1][1], done[0][1]]
+            penalty += done[0][1] * done[1][1]
+        for (rows, _, grads), slope in zip(done, slopes):
+            if grads is None:
+                continue
+            g_h, g_w, g_b = grads
+            d_h.index_copy_(0, rows, g_h.mul_(slope))
+            d_w = g_w.mul_(slope) if d_w is None else d_w.addcmul_(g_w, slope)
+            if g_b is not None:
+                d_b = g_b.mul_(slope) if d_b is None else d_b.addcmul_(g_b, slope)
+        count = max(sum(rows.numel() for rows, _, _ in done), 1)
+        env_ce[e] /= count
+        env_s[e] /= count
+    if d_w is None:  # no labelled token at all
+        d_w = torch.zeros(vocab, hidden, dtype=torch.float32, device=device)
+        d_b = torch.zeros(vocab, dtype=torch.float32, device=device) if bias is not None else None
+    return penalty, env_ce, env_s, (d_h, d_w, d_b)

@@ -21,8 +21,11 @@ def matmul_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+_TORCH_HAS_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8)  # mm/addmm out_dtype
+
+
 def _fp32_out_supported(a: torch.Tensor) -> bool:
-    return a.device.type == "cuda" and a.dtype in (torch.bfloat16, torch.float16)
+    return _TORCH_HAS_OUT_DTYPE and a.device.type == "cuda" and a.dtype in (torch.bfloat16, torch.float16)
 
 
 def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool = False,

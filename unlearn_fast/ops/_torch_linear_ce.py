@@ -276,8 +276,7 @@ def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, c
     return total, nll, (d_h, d_w, d_b)
 
 
-def irm_penalty_pass(h, weight, bias, target, env, half, num_envs: int, *, chunk: int | None = None,
-                     pass_fn=None):
+def irm_penalty_pass(h, weight, bias, target, env, half, num_envs: int, *, chunk: int | None = None):
     """The IRMv1 penalty P = Σ_e s_e² (or Σ_e s_e^A s_e^B with ``half``) and its gradients, one pass per group.
 
     All rows carry a label; ``env`` [N] is each row's environment and ``half`` [N] (0/1, or None for
@@ -289,9 +288,7 @@ def irm_penalty_pass(h, weight, bias, target, env, half, num_envs: int, *, chunk
     ∂P/∂s_e = 2 s_e, or ∂P/∂s_e^A = s_e^B and ∂P/∂s_e^B = s_e^A. Holds one [V, H] buffer per group
     of the environment in flight besides the total.
     Returns (penalty, env_ce_mean [E], env_scale_grad [E], (d_input, d_weight, d_bias)) in the compute dtype.
-    ``pass_fn``: the per-group pass (default ``chunked_pass``; the CUDA row-kernel path passes its own).
     """
-    pass_fn = pass_fn or chunked_pass
     n, hidden = h.shape
     compute = torch.float64 if h.dtype == torch.float64 else torch.float32
     zero = torch.zeros((), dtype=compute, device=h.device)
@@ -316,7 +313,7 @@ def irm_penalty_pass(h, weight, bias, target, env, half, num_envs: int, *, chunk
                 return Coeffs((1 - ez) * scale, torch.full_like(ez, scale), torch.full_like(ez, scale))
 
             valid = torch.ones(count, dtype=torch.bool, device=h.device)
-            (lse, zy, ez), grads = pass_fn(h[rows], weight, bias, target[rows], valid, coeffs=unit, chunk=chunk)
+            (lse, zy, ez), grads = chunked_pass(h[rows], weight, bias, target[rows], valid, coeffs=unit, chunk=chunk)
             s_k = (ez - zy).sum() * scale
             env_ce[e] += (lse - zy).sum()
             env_s[e] += (ez - zy).sum()
