@@ -16,6 +16,7 @@ The floor is the three cuBLAS-sized matmuls any fwd+bwd needs (logits, d input, 
 6·N·H·V FLOPs at the same GEMM rate.
 
     python bench/cost_model.py            # the table at the GPU shapes
+    python bench/cost_model.py bench/results/cost_model-<date>.json   # and the results file
     python bench/bench_linear_ce.py --model-only
 """
 from __future__ import annotations
@@ -257,6 +258,9 @@ if __name__ == "__main__":
 
     result = model()
     print(table(result))
-    if len(sys.argv) > 1:
+    if len(sys.argv) > 1:  # a results file: predicted on paper, not measured
         with open(sys.argv[1], "w") as f:
-            json.dump(result, f, indent=1)
+            json.dump(dict(benchmark="cost_model", command=f"python bench/cost_model.py {sys.argv[1]}",
+                           note="predicted by the roofline model of bench/cost_model.py, not measured",
+                           parameters=result["parameters"], cost_model=result["variants"]), f, indent=1)
+            f.write("\n")

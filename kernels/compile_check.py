@@ -300,10 +300,24 @@ def gate(archs=tuple(ARCHS), only=None, nvcc=True, workers=None) -> dict:
 
     failed = [r for r in rows if r["ok"] is False]
     return dict(
+        benchmark="compile_gate", command="python -m unlearn_fast.kernels.compile_check --json PATH",
+        host=dict(cpu=_cpu_model(), cpus=os.cpu_count(), nvcc=shutil.which("nvcc")),
         triton_version=triton.__version__, torch_version=torch.__version__,
         archs=list(archs), builds=len(rows), failed=len(failed), skipped=sum(r["ok"] is None for r in rows),
         seconds=round(time.perf_counter() - start, 1), rows=rows,
     )
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
 
 
 def summary(result: dict) -> str:

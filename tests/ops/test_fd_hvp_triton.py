@@ -9,6 +9,7 @@ import torch
 import unlearn_fast as uf
 from tests.conftest import HAS_TRITON
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(
     not HAS_TRITON or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
     reason="needs triton on a GPU or under TRITON_INTERPRET=1")
@@ -28,7 +29,7 @@ def _flat_lists(dtype, seed=0):
             o += n
         return out
 
-    bufs = [torch.randn(total, generator=g).to(dtype) for _ in range(3)]
+    bufs = [torch.randn(total, generator=g).to(dtype).to(DEVICE) for _ in range(3)]
     return [views(b) for b in bufs], bufs
 
 
@@ -43,7 +44,7 @@ def test_triton_engine_runs_the_kernel_with_the_right_numbers(monkeypatch, dtype
     (acc, gm, g0), (acc_buf, gm_buf, g0_buf) = _flat_lists(dtype)
     coeff = 2.5
     want = acc_buf.double() + coeff * (gm_buf.double() - (g0_buf.double() if with_base else 0))
-    uf.ops.fd_hvp_accumulate_(acc, gm, g0 if with_base else None, torch.tensor(coeff), backend="triton")
+    uf.ops.fd_hvp_accumulate_(acc, gm, g0 if with_base else None, torch.tensor(coeff, device=DEVICE), backend="triton")
     assert calls == [acc_buf.numel()], "one kernel launch over the whole flat buffer"
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     assert torch.allclose(acc_buf.double(), want, rtol=tol, atol=tol)

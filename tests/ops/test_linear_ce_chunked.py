@@ -17,6 +17,7 @@ from tests.reference import naive_irm, naive_linear_ce, naive_sequence_nll
 
 N, H, V, E = 29, 17, 75, 3  # odd shapes, few row programs (the interpreter runs each one)
 SLACK = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # interpreted on the CPU, compiled on a GPU
 pytestmark = pytest.mark.skipif(
     not HAS_TRITON or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
     reason="needs triton on a GPU or under TRITON_INTERPRET=1")
@@ -29,7 +30,7 @@ def inputs(dtype, seed=0, bias=True):
     b = torch.randn(V, generator=g, dtype=torch.float64).to(dtype) if bias else None
     y = torch.randint(0, V, (N,), generator=g)
     y[::4] = -100
-    return h, w, b, y
+    return [t.to(DEVICE) if t is not None else None for t in (h, w, b, y)]
 
 
 def leaves(tensors, dtype=None):
@@ -68,8 +69,8 @@ def test_row_kernel_statistics_and_gradient(dtype):
     from unlearn_fast.kernels.linear_ce_rows import rows_
 
     g = torch.Generator().manual_seed(3)
-    z = (torch.randn(7, 150, generator=g) * 4).to(dtype)
-    y = torch.randint(0, 150, (7,), generator=g)
+    z = (torch.randn(7, 150, generator=g) * 4).to(dtype).to(DEVICE)
+    y = torch.randint(0, 150, (7,), generator=g).to(DEVICE)
     y[2] = -1  # no label
     z64 = z.double()
     valid = y != -1
@@ -80,7 +81,7 @@ def test_row_kernel_statistics_and_gradient(dtype):
     for got, want in ((lse, lse_t), (zy, zy_t), (ez, ez_t)):
         assert got.dtype == torch.float32
         assert torch.allclose(got.double(), want, atol=1e-5, rtol=1e-5)
-    a, b, c = (torch.rand(7, generator=g) for _ in range(3))
+    a, b, c = (torch.rand(7, generator=g).to(DEVICE) for _ in range(3))
     dz = z.clone()
     rows_(dz, y, -1, want_ez=True, coeffs=(a, b, c))  # statistics and gradient in one launch
     p = (z64 - lse_t[:, None]).exp()
@@ -100,9 +101,9 @@ def test_row_kernel_statistics_and_gradient(dtype):
 def test_row_kernel_propagates_nan():
     from unlearn_fast.kernels.linear_ce_rows import rows_
 
-    z = torch.randn(2, 70)
+    z = torch.randn(2, 70, device=DEVICE)
     z[1, 5] = float("nan")
-    lse, _, _ = rows_(z, torch.tensor([3, 4]), -1)
+    lse, _, _ = rows_(z, torch.tensor([3, 4], device=DEVICE), -1)
     assert torch.isfinite(lse[0]) and torch.isnan(lse[1])
 
 
@@ -112,14 +113,14 @@ def test_row_kernel_propagates_nan():
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_linear_ce(dtype, reduction):
     _, _, _, y = inputs(dtype)
-    up = torch.rand(N, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    up = torch.rand(N, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE)
 
     def loss_of(h, w, b, backend):
         if backend is None:
             out = naive_linear_ce(h, w, y, b, reduction)
         else:
             out = uf.ops.linear_cross_entropy(h, w, y, linear_bias=b, reduction=reduction, backend=backend,
-                                              chunk_size=8)
+                                              chunk_size=16)
         return (out.double() * up).sum() if reduction == "none" else out
 
     compare(dtype, loss_of)
@@ -129,7 +130,7 @@ def test_linear_ce(dtype, reduction):
 @pytest.mark.parametrize("unbiased", [False, True])
 def test_ce_irm_with_an_empty_environment(dtype, unbiased):
     _, _, _, y = inputs(dtype)
-    env = torch.arange(N) % E
+    env = torch.arange(N, device=DEVICE) % E
     env[env == 2] = 1  # environment 2 has no token
     halves = uf.ops.linear_ce._unbiased_halves(env, y != -100, E, (N,)) if unbiased else None
 
@@ -138,7 +139,7 @@ def test_ce_irm_with_an_empty_environment(dtype, unbiased):
             loss, s, pen = naive_irm(h, w, y, env, E, b, unbiased=unbiased, halves=halves)
         else:
             out = uf.ops.linear_cross_entropy_irm(h, w, y, env, num_envs=E, linear_bias=b, unbiased=unbiased,
-                                                  backend=backend, chunk_size=8)
+                                                  backend=backend, chunk_size=16)
             loss, s, pen = out
             assert float(loss[2].detach()) == 0 and float(s[2].detach()) == 0
         return loss.sum() + 3 * pen + s.sum()
@@ -149,14 +150,14 @@ def test_ce_irm_with_an_empty_environment(dtype, unbiased):
 @pytest.mark.parametrize("dtype,unbiased", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
 def test_irm_penalty_gradient_in_forward(dtype, unbiased):
     _, _, _, y = inputs(dtype)
-    env = torch.arange(N) * E // N
+    env = torch.arange(N, device=DEVICE) * E // N
     halves = uf.ops.linear_ce._unbiased_halves(env, y != -100, E, (N,)) if unbiased else None
 
     def loss_of(h, w, b, backend):
         if backend is None:
             return naive_irm(h, w, y, env, E, b, unbiased=unbiased, halves=halves)[2]
         return uf.ops.irm_penalty(h, w, y, env, num_envs=E, linear_bias=b, unbiased=unbiased, backend=backend,
-                                  chunk_size=8).penalty
+                                  chunk_size=16).penalty
 
     compare(dtype, loss_of)
 
@@ -164,25 +165,26 @@ def test_irm_penalty_gradient_in_forward(dtype, unbiased):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sequence_nll_and_sequence_loss(dtype):
     _, _, _, y = inputs(dtype)
-    seq = torch.arange(N) * 4 // N
+    seq = torch.arange(N, device=DEVICE) * 4 // N
 
     def nll_of(h, w, b, backend):
         if backend is None:
             nll = naive_sequence_nll(h, w, y, seq, 4, b)[0]
         else:
-            nll = uf.ops.sequence_nll(h, w, y, seq, num_seqs=4, linear_bias=b, backend=backend, chunk_size=8).nll
-        return (nll * torch.arange(1.0, 5.0, dtype=nll.dtype)).sum()
+            nll = uf.ops.sequence_nll(h, w, y, seq, num_seqs=4, linear_bias=b, backend=backend, chunk_size=16).nll
+        return (nll * torch.arange(1.0, 5.0, dtype=nll.dtype, device=DEVICE)).sum()
 
     compare(dtype, nll_of)
-    rows = torch.arange(N - 1)  # [4, 7, H]: one sequence per row for sequence_loss
+    rows = torch.arange(N - 1, device=DEVICE)  # [4, 7, H]: one sequence per row for sequence_loss
     y2 = y[rows].view(4, 7)
     phi = lambda nll, ids: torch.nn.functional.logsigmoid(-0.1 * nll) * (ids + 1)  # noqa: E731
 
     def loss_of(h, w, b, backend):
         h2 = h[rows].view(4, 7, H)
         if backend is None:
-            nll = naive_sequence_nll(h2, w, y2, torch.arange(4).repeat_interleave(7).view(4, 7), 4, b)[0]
-            return phi(nll, torch.arange(4)).sum()
+            seq2 = torch.arange(4, device=DEVICE).repeat_interleave(7).view(4, 7)
+            nll = naive_sequence_nll(h2, w, y2, seq2, 4, b)[0]
+            return phi(nll, torch.arange(4, device=DEVICE)).sum()
         return uf.ops.sequence_loss(h2, w, y2, phi, linear_bias=b, backend=backend).loss
 
     compare(dtype, loss_of)
@@ -229,7 +231,7 @@ def test_torch_path_cuda_branch_multiplies_in_bf16_and_accumulates_in_fp32(monke
         return real(out, a, b, **kw)
 
     monkeypatch.setattr(tp, "mm_into", spy)
-    h, w, b, y = inputs(torch.bfloat16)
+    h, w, b, y = (t.cpu() for t in inputs(torch.bfloat16))  # the CPU emulation of the CUDA branch
     valid = y != -100
     ones = valid.float()
     coeffs = (lambda lse, zy, ez: tp.Coeffs(torch.ones_like(lse), None, torch.ones_like(lse))) if callable_coeffs \

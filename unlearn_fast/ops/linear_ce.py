@@ -18,8 +18,9 @@ a = g_ce + g_m (1 − E_p[z]),  b = g_m,  c = g_ce + g_m
 (∂E_p[z]/∂z_v = p_v (1 + z_v − E_p[z])), recomputing the logits tile by tile.
 
 Where the loss fixes the upstream gradients up to a factor known by the end of
-the forward pass, the torch path forms the gradient with the forward's logits
-instead (3 matmuls, not 4): plain CE with reduction mean/sum (``_SummedCE``),
+the forward pass, the chunked paths (torch; "triton_chunked", the CUDA default:
+cuBLAS chunks and one Triton row kernel, no atomics) form the gradient with the
+forward's logits instead (3 matmuls, not 4): plain CE with reduction mean/sum (``_SummedCE``),
 ``sequence_loss`` and ``irm_penalty``. Every op first drops the tokens without
 a label (prompts, padding): they add nothing and would cost as much as the rest.
 """
