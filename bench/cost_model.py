@@ -92,7 +92,8 @@ def _logits_mm(c, h, v):
 
 
 def _dh_mm(c, h, v):
-    return Kernel("d input = dz W (cuBLAS, fp32 out)", 2 * c * h * v, BF16 * (c * v + v * h) + FP32 * c * h, grid=(c, h))
+    return Kernel("d input = dz W (cuBLAS, fp32 out)", 2 * c * h * v, BF16 * (c * v + v * h) + FP32 * c * h,
+                  grid=(c, h))
 
 
 def _dw_mm(c, h, v, first=False):
@@ -114,6 +115,12 @@ def _elementwise(name, bytes_):
     return Kernel(name, 0, bytes_)
 
 
+def _hand_over(n, h, v):
+    """The backward of a gradient formed in the forward: scale the kept fp32 grads in place, cast to bf16."""
+    return _elementwise("backward: scale kept grads + cast to bf16",
+                        FP32 * 2 * (v * h + n * h) + (FP32 + BF16) * (v * h + n * h))
+
+
 def chunked_ce(n, h, v, e) -> Variant:
     """uf.ops.linear_cross_entropy (mean) on CUDA: gradient formed in the forward (_SummedCE)."""
     c, chunks = _chunks(n, v)
@@ -122,7 +129,7 @@ def chunked_ce(n, h, v, e) -> Variant:
     var.add(_rows(c, v, 2, 1, "statistics + dz in one launch"), chunks)
     var.add(_dh_mm(c, h, v), chunks)
     _dw_mms(var, c, h, v, chunks)
-    var.add(_elementwise("backward: scale kept grads + cast to bf16", FP32 * 2 * (v * h + n * h) + (FP32 + BF16) * (v * h + n * h)))
+    var.add(_hand_over(n, h, v))
     return var
 
 
@@ -153,7 +160,7 @@ def chunked_penalty(n, h, v, e) -> Variant:
     _dw_mms(var, c, h, v, chunks, times=e)
     var.add(_elementwise("first environment: scale by 2 s_e (the total)", FP32 * 2 * v * h))
     var.add(_elementwise("total += 2 s_e · group buffer (addcmul, per environment)", FP32 * 3 * v * h), e - 1)
-    var.add(_elementwise("backward: scale kept grads + cast to bf16", FP32 * 2 * (v * h + n * h) + (FP32 + BF16) * (v * h + n * h)))
+    var.add(_hand_over(n, h, v))
     return var
 
 
@@ -247,7 +254,8 @@ def table(result: dict) -> str:
                      f"{'floor ms':>8} {'x floor H200':>12}")
         for name, r in result["variants"].items():
             r = pick(r)
-            lines.append(f"  {name:14} {r['flops'] / 1e12:7.1f} {r['hbm_bytes'] / 1e9:8.1f} {r['atomic_bytes'] / 1e9:9.1f} "
+            lines.append(f"  {name:14} {r['flops'] / 1e12:7.1f} {r['hbm_bytes'] / 1e9:8.1f} "
+                         f"{r['atomic_bytes'] / 1e9:9.1f} "
                          f"{r['predicted_ms_h100']:8.1f} {r['predicted_ms_h200']:8.1f} {r['floor_ms_h200']:8.1f} "
                          f"{r['over_floor_h200']:12.2f}")
     return "\n".join(lines)

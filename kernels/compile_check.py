@@ -331,7 +331,8 @@ def summary(result: dict) -> str:
         k["spills"] = max(k["spills"], r["spills"] or 0)
         k["smem"] = max(k["smem"], r["shared_bytes"] or 0)
         k["bad"] += r["ok"] is False
-    lines.append(f"{'kernel':38} {'arch':6} {'builds':>6} {'max regs':>8} {'max spill B':>11} {'max smem B':>10} failed")
+    lines.append(f"{'kernel':38} {'arch':6} {'builds':>6} {'max regs':>8} {'max spill B':>11} {'max smem B':>10} "
+                 "failed")
     for (kernel, arch), k in sorted(by_kernel.items()):
         lines.append(f"{kernel:38} {arch:6} {k['n']:6d} {k['regs']:8d} {k['spills']:11d} {k['smem']:10d} {k['bad']}")
     for r in result["rows"]:

@@ -50,7 +50,8 @@ def compare(dtype, loss_of, bias=True, seed=0):
     """loss_of(h, w, b, backend|None) -> scalar; None = naive reference. Values and grads of h, w, b."""
     h, w, b, _ = inputs(dtype, seed, bias)
     results = {}
-    for name, cast, backend in (("truth", torch.float64, None), ("naive", None, None), ("ours", None, "triton_chunked")):
+    runs = (("truth", torch.float64, None), ("naive", None, None), ("ours", None, "triton_chunked"))
+    for name, cast, backend in runs:
         t = leaves((h, w, b), cast)
         loss = loss_of(*t, backend)
         grads = torch.autograd.grad(loss, [x for x in t if x is not None])
