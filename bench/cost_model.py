@@ -147,8 +147,27 @@ def chunked_ce_irm(n, h, v, e) -> Variant:
     return var
 
 
+def _penalty_recomputes(n, e) -> bool:
+    try:
+        from unlearn_fast.ops._chunked_linear_ce import penalty_recompute_is_cheaper
+    except ImportError:  # the model runs without the package too: the same rule
+        return 2 * n < 200 * (16 * e - 4)
+    return penalty_recompute_is_cheaper(n, e)
+
+
 def chunked_penalty(n, h, v, e) -> Variant:
-    """uf.ops.irm_penalty on CUDA (what ILU trains): per environment, gradient of s_e formed in the forward."""
+    """uf.ops.irm_penalty on CUDA (what ILU trains): per environment, gradient of s_e formed in the forward;
+    with few tokens the op recomputes instead (as linear_cross_entropy_irm), like the code."""
+    if _penalty_recomputes(n, e):
+        var = chunked_ce_irm(n, h, v, e)
+        var.name = "ours_penalty"
+        var.description = "few tokens for per-environment buffers: recompute in backward; " + var.description
+        return var
+    return penalty_with_buffers(n, h, v, e)
+
+
+def penalty_with_buffers(n, h, v, e) -> Variant:
+    """irm_penalty's gradient-in-forward strategy: one [V, H] fp32 buffer per environment."""
     per_env = math.ceil(n / e)
     c, chunks = _chunks(per_env, v)
     var = Variant("ours_penalty", f"chunked, per environment ({e} x {per_env} tokens), gradient in the forward: "

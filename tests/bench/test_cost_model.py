@@ -65,3 +65,20 @@ def test_bench_model_only_prints_the_table():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "ours_ce_irm" in proc.stdout and "shape e2e_8b" in proc.stdout
+
+
+def test_penalty_strategy_follows_the_op_rule():
+    from unlearn_fast.ops._chunked_linear_ce import penalty_recompute_is_cheaper
+
+    cm = _model()
+    # 16k tokens in 4 environments: per-environment buffers (3 matmuls) win; 2k tokens: the 4th matmul is cheaper
+    assert not penalty_recompute_is_cheaper(16384, 4) and penalty_recompute_is_cheaper(2048, 4)
+    result = cm.model()["variants"]
+    assert result["ours_penalty"]["flops"] < result["ours_ce_irm"]["flops"]
+    assert result["ours_penalty"]["e2e_8b"]["flops"] == result["ours_ce_irm"]["e2e_8b"]["flops"]
+    # the rule picks the cheaper strategy of the model at both shapes
+    gpu = cm.GPUS["h200"]
+    for n, recompute in ((16384, False), (2048, True)):
+        t_buffers = sum(k.ms(gpu) for k in cm.penalty_with_buffers(n, 4096, 128256, 4).kernels)
+        t_recompute = sum(k.ms(gpu) for k in cm.chunked_ce_irm(n, 4096, 128256, 4).kernels)
+        assert (t_recompute < t_buffers) == recompute, (n, t_buffers, t_recompute)

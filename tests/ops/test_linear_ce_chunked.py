@@ -163,6 +163,34 @@ def test_irm_penalty_gradient_in_forward(dtype, unbiased):
     compare(dtype, loss_of)
 
 
+def test_irm_penalty_recomputes_when_the_rule_says_so(monkeypatch):
+    """On CUDA with few tokens irm_penalty recomputes in backward (cheaper than per-group buffers): same numbers."""
+    from unlearn_fast.ops import _chunked_linear_ce, linear_ce
+
+    h, w, b, y = inputs(torch.float32)
+    env = torch.arange(N, device=DEVICE) * E // N
+
+    def run():
+        hh, ww = leaves((h, w))
+        out = uf.ops.irm_penalty(hh, ww, y, env, num_envs=E, linear_bias=b, backend="triton_chunked", chunk_size=16)
+        return out.penalty, torch.autograd.grad(out.penalty, (hh, ww)), type(out.penalty.grad_fn).__name__
+
+    assert not _chunked_linear_ce.penalty_recompute_is_cheaper(10, 4, torch.device("cpu"))
+    assert _chunked_linear_ce.penalty_recompute_is_cheaper(2048, 4, torch.device("cuda"))
+    if DEVICE.type == "cpu":
+        p_fwd, g_fwd, fn = run()
+        assert fn.startswith("_IRMPenalty")  # gradient formed in the forward
+    monkeypatch.setattr(linear_ce.cuda_chunked, "penalty_recompute_is_cheaper", lambda n, groups, device: True)
+    p_re, g_re, fn = run()
+    assert not fn.startswith("_IRMPenalty")
+    monkeypatch.setattr(linear_ce.cuda_chunked, "penalty_recompute_is_cheaper", lambda n, groups, device: False)
+    p_fwd, g_fwd, fn = run()
+    assert fn.startswith("_IRMPenalty")
+    assert torch.allclose(p_re, p_fwd, rtol=1e-5, atol=1e-6)
+    for a, c in zip(g_re, g_fwd):
+        assert torch.allclose(a, c, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sequence_nll_and_sequence_loss(dtype):
     _, _, _, y = inputs(dtype)

@@ -26,6 +26,11 @@ _WORKSPACE_ELEMS = 1 << 29
 _NO_LABEL = -1  # the row kernel's ignore_index: rows outside ``valid`` carry it
 
 
+# bf16 GEMM FLOPs per HBM byte of a Hopper GPU (788 TFLOP/s measured over 4.8 TB/s H200, 3.35 TB/s H100:
+# 164-235); bench/cost_model.py has the per-kernel figures this summarises.
+_FLOPS_PER_BYTE = 200
+
+
 def default_chunk(num_tokens: int, vocab: int) -> int:
     return max(1, min(num_tokens, _WORKSPACE_ELEMS // max(vocab, 1)))
 
@@ -132,6 +137,17 @@ def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, c
         _accumulate(z, hc, weight, d_h[r], d_w, d_b, first=r0 == 0)
         s0, r0 = s1, r1
     return total, nll, (d_h, d_w, d_b)
+
+
+def penalty_recompute_is_cheaper(num_tokens: int, groups: int, device: torch.device | None = None) -> bool:
+    """Whether ``irm_penalty`` should recompute the logits in backward (4 matmuls, one d weight buffer) rather
+    than form each group's gradient in the forward (3 matmuls, but per group a [V, H] fp32 buffer written,
+    then folded into the total: 16 bytes per weight element per group, 4 fewer for the first).
+    Per weight element the extra matmul costs 2·N FLOPs and the buffers (16·groups − 4) bytes. A GPU rule:
+    False off CUDA (under the interpreter the in-forward path is the one worth testing)."""
+    if device is not None and device.type != "cuda":
+        return False
+    return 2 * num_tokens < _FLOPS_PER_BYTE * (16 * groups - 4)
 
 
 def irm_penalty_pass(h, weight, bias, target, env, half, num_envs, *, chunk=None):

@@ -369,13 +369,18 @@ def irm_penalty(
     forward pass (3 matmuls per token instead of 4, see ``_torch_linear_ce.irm_penalty_pass``),
     at the cost of one extra [V, H] fp32 buffer per group in flight (two with ``unbiased``).
     ``env_loss`` and ``env_scale_grad`` come back detached. It cannot backward twice. The
-    Triton path, and calls that need no gradient, compute ``linear_cross_entropy_irm``.
+    Triton path, calls that need no gradient, and on CUDA calls with too few tokens for the
+    per-group buffers to pay off (``_chunked_linear_ce.penalty_recompute_is_cheaper``) compute
+    ``linear_cross_entropy_irm``.
     """
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
     h, y, env_id, half, resolved = _prepare_irm(input, linear_weight, target, env, num_envs, linear_bias,
                                                 ignore_index, backend, unbiased)
-    if resolved not in _CHUNKED or not needs_grad:
+    groups = num_envs * (2 if unbiased else 1)
+    few_tokens = resolved == "triton_chunked" and cuda_chunked.penalty_recompute_is_cheaper(h.shape[0], groups,
+                                                                                             h.device)
+    if resolved not in _CHUNKED or not needs_grad or few_tokens:
         out = _irm_of_rows(h, y, env_id, half, resolved, linear_weight, linear_bias, num_envs, ignore_index, chunk_size)
         return IRMOutput(out.env_loss.detach(), out.env_scale_grad.detach(), out.penalty)
     penalty, env_loss, scale_grad = _IRMPenalty.apply(h, linear_weight, linear_bias, y, env_id, half, num_envs,
