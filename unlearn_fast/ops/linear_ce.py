@@ -177,7 +177,15 @@ def _hand_over_gradients(ctx, factor, op: str, hint: str = ""):
         raise RuntimeError(f"{op} (backend='torch') computes its gradient in the forward pass and hands it over "
                            f"in the first backward; it cannot backward twice{hint}")
     grads, ctx.grads = ctx.grads, None
-    return [grad.mul_(factor).to(dtype) if grad is not None else None for grad, dtype in zip(grads, ctx.dtypes)]
+    return [_scaled(grad, factor, dtype) if grad is not None else None for grad, dtype in zip(grads, ctx.dtypes)]
+
+
+def _scaled(grad: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """grad · factor in ``dtype``: one pass that writes the narrower result (the same roundings as scaling in
+    place and casting after, one [V, H] fp32 read and write fewer)."""
+    if grad.dtype == dtype:
+        return grad.mul_(factor)
+    return torch.mul(grad, factor, out=torch.empty_like(grad, dtype=dtype))
 
 
 def _token_stats(h, weight, bias, target, ignore_index, backend, chunk, need_m=False):
