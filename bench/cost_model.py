@@ -135,10 +135,14 @@ def chunked_ce(n, h, v, e) -> Variant:
 def chunked_ce_irm(n, h, v, e) -> Variant:
     """uf.ops.linear_cross_entropy_irm on CUDA: the upstream (per-environment) is known only in backward."""
     c, chunks = _chunks(n, v)
-    var = Variant("ours_ce_irm", f"chunked, statistics forward + recompute backward: {chunks} chunk(s) of {c} rows")
+    if chunks == 1:  # the forward's logits block is kept for the backward: no recompute
+        var = Variant("ours_ce_irm", f"one chunk of {c} rows: statistics forward, logits kept for the backward")
+    else:
+        var = Variant("ours_ce_irm", f"chunked, statistics forward + recompute backward: {chunks} chunks of {c} rows")
     var.add(_logits_mm(c, h, v), chunks)
     var.add(_rows(c, v, 1, 0, "forward statistics lse, z_y, E_p[z]"), chunks)
-    var.add(_logits_mm(c, h, v), chunks)
+    if chunks > 1:
+        var.add(_logits_mm(c, h, v), chunks)
     var.add(_rows(c, v, 1, 1, "backward dz, lse known"), chunks)
     var.add(_dh_mm(c, h, v), chunks)
     _dw_mms(var, c, h, v, chunks)

@@ -163,6 +163,42 @@ def test_irm_penalty_gradient_in_forward(dtype, unbiased):
     compare(dtype, loss_of)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ce_irm_one_chunk_keeps_its_logits_and_backward_twice_recomputes(dtype, monkeypatch):
+    """All rows in one chunk: the forward's logits serve the backward (no recompute matmul); the dz is formed in
+    them in place, so a second backward (retain_graph) recomputes: both give the reference gradients."""
+    from unlearn_fast.ops import _chunked_linear_ce
+
+    _, _, _, y = inputs(dtype)
+    env = torch.arange(N, device=DEVICE) % E
+    recomputes = []
+    real = _chunked_linear_ce.chunked_pass
+    def spy(*a, **k):
+        recomputes.append(k.get("lse") is not None)
+        return real(*a, **k)
+
+    monkeypatch.setattr(_chunked_linear_ce, "chunked_pass", spy)
+
+    def loss_of(h, w, b, backend):
+        if backend is None:
+            loss, s, pen = naive_irm(h, w, y, env, E, b)
+        else:
+            loss, s, pen = uf.ops.linear_cross_entropy_irm(h, w, y, env, num_envs=E, linear_bias=b, backend=backend)
+        return loss.sum() + 3 * pen + s.sum()
+
+    compare(dtype, loss_of)
+    assert recomputes == [], "one chunk: no pass in backward"
+    h, w, b, _ = inputs(dtype)
+    hh, ww = leaves((h, w))
+    loss = loss_of(hh, ww, b, "triton_chunked")
+    first = torch.autograd.grad(loss, (hh, ww), retain_graph=True)
+    second = torch.autograd.grad(loss, (hh, ww))
+    assert recomputes == [True]
+    for a, c in zip(first, second):
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert torch.allclose(a.float(), c.float(), rtol=tol, atol=tol)
+
+
 def test_irm_penalty_recomputes_when_the_rule_says_so(monkeypatch):
     """On CUDA with few tokens irm_penalty recomputes in backward (cheaper than per-group buffers): same numbers."""
     from unlearn_fast.ops import _chunked_linear_ce, linear_ce

@@ -95,6 +95,27 @@ def chunked_pass(h, weight, bias, target, valid, *, lse=None, coeffs=None, chunk
     return stats if coeffs is None else (stats, (d_h, d_w, d_b))
 
 
+def forward_keeping_logits(h, weight, bias, target, valid, *, chunk=None, want_ez=True):
+    """``chunked_pass`` statistics for a recompute-in-backward op, and the logits block when every row fits
+    ONE chunk (else None): kept for the backward, it saves the recompute matmul (4 → 3 matmuls) at no
+    more memory than the pass holds anyway (one [chunk, V] block; the e2e 8B step, 2048 tokens, fits)."""
+    n, vocab = h.shape[0], weight.shape[0]
+    if n == 0 or n > (chunk or default_chunk(n, vocab)):
+        return chunked_pass(h, weight, bias, target, valid, chunk=chunk, want_ez=want_ez), None
+    z = mm_into(torch.empty(n, vocab, dtype=h.dtype, device=h.device), h, weight.T, bias=bias)
+    stats = _rows().rows_(z, torch.where(valid, target, _NO_LABEL), _NO_LABEL, want_ez=want_ez)
+    return stats, z
+
+
+def backward_from_logits(z, h, weight, bias, target, valid, lse, coeffs: Coeffs):
+    """Gradients from the logits kept by ``forward_keeping_logits`` (turned into dz in place: usable once)."""
+    _rows().rows_(z, torch.where(valid, target, _NO_LABEL), _NO_LABEL, lse=lse.float(),
+                  coeffs=_chunk_coeffs(coeffs, slice(None)))
+    d_h, d_w, d_b = _grad_buffers(h.shape[0], h.shape[1], weight.shape[0], bias, h.device)
+    _accumulate(z, h, weight, d_h, d_w, d_b, first=True)
+    return d_h, d_w, d_b
+
+
 def _chunk_coeffs(coeffs: Coeffs, rows):
     b = coeffs.b[rows].float() if coeffs.b is not None else None
     return coeffs.a[rows].float(), b, coeffs.c[rows].float()

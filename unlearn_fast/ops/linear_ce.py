@@ -85,7 +85,12 @@ class _TokenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, target, ignore_index, backend, chunk, need_m):
         valid = target != ignore_index
-        lse, zy, ez = _forward_stats(backend, h, weight, bias, target, valid, ignore_index, chunk, need_m)
+        ctx.logits = None
+        if backend == "triton_chunked":  # one chunk: its logits are kept and the backward needs no recompute
+            (lse, zy, ez), ctx.logits = cuda_chunked.forward_keeping_logits(h, weight, bias, target, valid,
+                                                                             chunk=chunk, want_ez=need_m)
+        else:
+            lse, zy, ez = _forward_stats(backend, h, weight, bias, target, valid, ignore_index, chunk, need_m)
         ctx.save_for_backward(h, weight, bias, target, lse, ez)
         ctx.backend, ctx.chunk, ctx.ignore_index, ctx.need_m = backend, chunk, ignore_index, need_m
         ctx.set_materialize_grads(False)
@@ -112,6 +117,10 @@ class _TokenStats(torch.autograd.Function):
         lse = torch.where(valid, lse, torch.inf)
         if ctx.backend == "triton":
             d_h, d_w, d_b = _kernels().linear_ce_backward(h, weight, bias, target, lse, a, b, c)
+        elif ctx.backend == "triton_chunked" and ctx.logits is not None:
+            z, ctx.logits = ctx.logits, None  # turned into dz in place: a second backward recomputes
+            d_h, d_w, d_b = cuda_chunked.backward_from_logits(z, h, weight, bias, target, valid, lse,
+                                                              torch_path.Coeffs(a, b, c))
         elif ctx.backend == "triton_chunked":
             _, (d_h, d_w, d_b) = cuda_chunked.chunked_pass(h, weight, bias, target, valid, lse=lse,
                                                            coeffs=torch_path.Coeffs(a, b, c), chunk=ctx.chunk)
