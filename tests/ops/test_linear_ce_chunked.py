@@ -314,3 +314,23 @@ def test_torch_path_cuda_branch_multiplies_in_bf16_and_accumulates_in_fp32(monke
     check((lse - zy).sum(), naive, truth, torch.bfloat16, "loss")
     for ours, n_, t_ in zip((d_h, d_w, d_b), gn, gt):
         check(ours, n_, t_, torch.bfloat16, "grad")
+
+
+def test_mm_into_falls_back_with_a_warning_when_fp32_output_is_refused(monkeypatch):
+    from unlearn_fast.ops import _matmul
+
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(6, 9, generator=g).bfloat16(), torch.randn(9, 4, generator=g).bfloat16()
+    want = a.double() @ b.double()
+    out = torch.zeros(6, 4)
+    _matmul.mm_into(out, a, b)  # the CPU emulation
+    assert torch.allclose(out.double(), want, atol=1e-5)
+    _matmul.mm_into(out, a, b, accumulate=True)
+    assert torch.allclose(out.double(), 2 * want, atol=1e-5)
+    # a CUDA-like refusal: warned once, then the emulation
+    monkeypatch.setattr(_matmul, "_out_dtype_failed", None)
+    monkeypatch.setattr(_matmul, "_fp32_out_supported", lambda t: _matmul._out_dtype_failed is None)
+    with pytest.warns(RuntimeWarning, match="out_dtype"):
+        _matmul.mm_into(out, a, b)  # torch refuses out_dtype on the CPU: the path a GPU would take on refusal
+    assert _matmul._out_dtype_failed is not None
+    assert torch.allclose(out.double(), want, atol=1e-5)

@@ -24,8 +24,21 @@ def matmul_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 _TORCH_HAS_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8)  # mm/addmm out_dtype
 
 
+_out_dtype_failed: str | None = None  # why cuBLAS's fp32-output GEMM was refused once (then not retried)
+
+
 def _fp32_out_supported(a: torch.Tensor) -> bool:
-    return _TORCH_HAS_OUT_DTYPE and a.device.type == "cuda" and a.dtype in (torch.bfloat16, torch.float16)
+    return (_TORCH_HAS_OUT_DTYPE and _out_dtype_failed is None and a.device.type == "cuda"
+            and a.dtype in (torch.bfloat16, torch.float16))
+
+
+def _refused(exc: Exception) -> None:
+    global _out_dtype_failed
+    import warnings
+
+    _out_dtype_failed = f"{type(exc).__name__}: {exc}"
+    warnings.warn(f"torch.mm/addmm with out_dtype=float32 failed ({_out_dtype_failed}); the chunked linear CE "
+                  "falls back to upcasting its matmul operands (correct, slower)", RuntimeWarning, stacklevel=3)
 
 
 def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool = False,
@@ -38,12 +51,15 @@ def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: 
             return torch.addmm(bias.to(out.dtype), a, b, out=out)
         return torch.mm(a, b, out=out)
     if _fp32_out_supported(a):
-        if accumulate:
-            return torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
-        if bias is not None:
-            return torch.addmm(bias.to(out.dtype).expand_as(out), a, b, out_dtype=out.dtype, out=out)
-        return torch.mm(a, b, out_dtype=out.dtype, out=out)
-    a32, b32 = a.to(out.dtype), b.to(out.dtype)  # CPU emulation: exact products, fp32 sums
+        try:
+            if accumulate:
+                return torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+            if bias is not None:
+                return torch.addmm(bias.to(out.dtype).expand_as(out), a, b, out_dtype=out.dtype, out=out)
+            return torch.mm(a, b, out_dtype=out.dtype, out=out)
+        except (RuntimeError, TypeError) as exc:  # raised before any write: out is intact
+            _refused(exc)
+    a32, b32 = a.to(out.dtype), b.to(out.dtype)  # emulation: exact products, fp32 sums
     if accumulate:
         return out.addmm_(a32, b32)
     if bias is not None:
