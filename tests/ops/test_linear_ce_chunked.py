@@ -334,3 +334,40 @@ def test_mm_into_falls_back_with_a_warning_when_fp32_output_is_refused(monkeypat
         _matmul.mm_into(out, a, b)  # torch refuses out_dtype on the CPU: the path a GPU would take on refusal
     assert _matmul._out_dtype_failed is not None
     assert torch.allclose(out.double(), want, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_matches_fp64_on_gpu_with_several_chunks(dtype, monkeypatch):
+    """On a real GPU: cuBLAS chunks with fp32 outputs (no fallback warning), several chunks, every op."""
+    import warnings
+
+    from unlearn_fast.ops import _chunked_linear_ce
+
+    monkeypatch.setattr(_chunked_linear_ce, "_WORKSPACE_ELEMS", 300 * 5003)  # 4 chunks of 300 rows
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, hidden, vocab = 1000, 256, 5003
+    h0 = (torch.randn(n, hidden, device="cuda", generator=g) * 0.5).to(dtype)
+    w0 = (torch.randn(vocab, hidden, device="cuda", generator=g) * 0.1).to(dtype)
+    y = torch.randint(0, vocab, (n,), device="cuda", generator=g)
+    env = torch.randint(0, 4, (n,), device="cuda", generator=g)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for op in ("ce", "irm", "penalty", "penalty in forward"):
+            if op == "penalty in forward":  # few tokens here: force the per-group-buffer strategy as well
+                monkeypatch.setattr(_chunked_linear_ce, "penalty_recompute_is_cheaper", lambda *a: False)
+            res = {}
+            for be, cast in (("triton_chunked", None), ("torch", torch.float64)):
+                h = h0.to(cast or dtype).requires_grad_()
+                w = w0.to(cast or dtype).requires_grad_()
+                if op == "ce":
+                    loss = uf.ops.linear_cross_entropy(h, w, y, backend=be)
+                elif op == "irm":
+                    out = uf.ops.linear_cross_entropy_irm(h, w, y, env, num_envs=4, backend=be)
+                    loss = out.env_loss.sum() + out.penalty
+                else:
+                    loss = uf.ops.irm_penalty(h, w, y, env, num_envs=4, backend=be).penalty
+                res[be] = (loss.detach(), *torch.autograd.grad(loss, (h, w)))
+            for a, c in zip(res["triton_chunked"], res["torch"]):
+                torch.testing.assert_close(a.double(), c.double(), atol=tol, rtol=tol)
