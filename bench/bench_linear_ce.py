@@ -12,6 +12,7 @@ Variants (each in its own process, so its peak memory is its own):
 
     python bench/bench_linear_ce.py                 # CPU: N=4096 H=512 V=32000 fp32; GPU: N=16384 H=4096 V=128256 bf16
     python bench/bench_linear_ce.py --quick         # small shapes, a smoke run
+    python bench/bench_linear_ce.py --model-only    # the GPU cost model (bench/cost_model.py), no run
 """
 from __future__ import annotations
 
@@ -107,9 +108,14 @@ def main():
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--variants", default=None, help="comma-separated subset")
     parser.add_argument("--json", default=None, help="results path (default bench/results/linear_ce-<device>-<date>.json)")
+    parser.add_argument("--model-only", action="store_true", help="print the GPU cost model (bench/cost_model.py) and exit")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shapes", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    import cost_model
+
+    if args.model_only:
+        return print(cost_model.table(cost_model.model()))
     cuda = torch.cuda.is_available()
     shapes = QUICK_SHAPES if args.quick else (GPU_SHAPES if cuda else CPU_SHAPES)
     if args.worker:
@@ -131,6 +137,8 @@ def main():
         "variants": results,
         "ratios": ratios,
         "targets": targets,
+        "cost_model": cost_model.model()["variants"],  # predicted H100/H200 times at the GPU shapes
+        "cost_model_parameters": cost_model.model()["parameters"],
     }
     out = write_results("linear_ce" + ("-quick" if args.quick else ""), payload, args.json)
     print_summary(out, ratios, targets)

@@ -11,13 +11,15 @@ import torch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX_DTYPES = (torch.int32, torch.int64)
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "triton_chunked", "torch")
 
 
 def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
-    """Pick "triton" or "torch". ``None`` reads ``UNLEARN_FAST_BACKEND`` (default "auto").
+    """Pick "triton_chunked", "triton" or "torch". ``None`` reads ``UNLEARN_FAST_BACKEND`` (default "auto").
 
-    "auto" is Triton on CUDA tensors (except float64) and the torch path otherwise.
+    "auto" is "triton_chunked" on CUDA tensors (except float64: cuBLAS chunks and one Triton row
+    kernel, no atomics) and the torch path otherwise. "triton" is the fully fused kernel pair
+    (logits never leave registers, fp32 atomics in the backward).
     """
     if backend is None:
         backend = os.environ.get("UNLEARN_FAST_BACKEND", "auto")
@@ -25,13 +27,13 @@ def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtyp
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         use_triton = device.type == "cuda" and dtype != torch.float64 and _triton_available()
-        return "triton" if use_triton else "torch"
-    if backend == "triton":
+        return "triton_chunked" if use_triton else "torch"
+    if backend in ("triton", "triton_chunked"):
         if not _triton_available():
-            raise RuntimeError("backend='triton' needs the triton package: pip install 'unlearn_fast[triton]'")
+            raise RuntimeError(f"backend={backend!r} needs the triton package: pip install 'unlearn_fast[triton]'")
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
-                f"backend='triton' on a {device.type} tensor needs TRITON_INTERPRET=1 "
+                f"backend={backend!r} on a {device.type} tensor needs TRITON_INTERPRET=1 "
                 "(set before triton is imported); use backend='torch' on the CPU"
             )
     return backend

@@ -27,6 +27,8 @@ from typing import Callable
 
 import torch
 
+from ._matmul import matmul_dtype, mm_into
+
 # fp32 elements of [chunk, V] workspace a pass may hold (2**24 floats = 64 MiB): as much as torch's
 # chunked linear CE holds with its 512-row chunks at V = 32k. A pass needs one block (plain CE) or
 # two (when E_p[z] or the p⊙z term is needed).
@@ -38,7 +40,9 @@ def default_chunk(num_tokens: int, vocab: int, blocks: int = 2) -> int:
 
 
 def logits_into(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """out ← h Wᵀ (+ b), written into a preallocated workspace block."""
+    """out ← h Wᵀ (+ b), written into a preallocated workspace block (fp32 from bf16 operands on CUDA)."""
+    if h.dtype != out.dtype:
+        return mm_into(out, h, weight.T, bias=bias)
     if bias is not None:
         return torch.addmm(bias, h, weight.T, out=out)
     return torch.mm(h, weight.T, out=out)
@@ -64,6 +68,7 @@ def chunked_pass(
     coeffs: Coeffs | Callable[..., Coeffs] | None = None,
     chunk: int | None = None,
     want_ez: bool = True,
+    matmul: torch.dtype | None = None,
 ):
     """One pass over token chunks.
 
@@ -75,13 +80,16 @@ def chunked_pass(
     ``coeffs`` may also be a function ``(lse, zy, ez) -> Coeffs`` of a chunk's statistics
     (chunk-sized vectors): a loss whose per-token upstream gradient is known once the token's own
     statistics are gets its gradient in this same pass (one matmul fewer than recompute).
+    ``matmul``: the operands' dtype of the matmuls (default ``matmul_dtype``: bf16/fp16 stay as they are
+    on CUDA, with fp32 results; fp32 on the CPU); the softmax and every accumulation are fp32 whatever it is.
     """
     n, hidden = h.shape
     vocab = weight.shape[0]
     two_blocks = want_ez or callable(coeffs) or (coeffs is not None and coeffs.b is not None)
     chunk = chunk or default_chunk(n, vocab, 2 if two_blocks else 1)
     compute = torch.float64 if h.dtype == torch.float64 else torch.float32
-    w = weight.to(compute)
+    mm = matmul or matmul_dtype(h.dtype, h.device)
+    w = weight.to(mm)  # no copy on CUDA for bf16: W is never upcast
     bvec = bias.to(compute) if bias is not None else None
     out_lse = torch.zeros(n, dtype=compute, device=h.device)
     out_zy = torch.zeros_like(out_lse)
@@ -97,7 +105,7 @@ def chunked_pass(
     safe_target = torch.where(valid, target, 0)
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
-        hc = h[rows].to(compute)
+        hc = h[rows].to(mm)
         z = z_buf[: hc.shape[0]]
         logits_into(z, hc, w, bvec)
         y = safe_target[rows].unsqueeze(1)
@@ -136,10 +144,11 @@ def chunked_pass(
         else:
             dz = e.mul_(a)
         dz.scatter_add_(1, y, -cf.c.to(compute).unsqueeze(1))
-        torch.mm(dz, w, out=d_h[rows])
-        d_w.addmm_(dz.T, hc)
         if d_b is not None:
             d_b += dz.sum(0)
+        dz = dz.to(mm)  # bf16 operand for the tensor cores on CUDA (no-op on the CPU)
+        mm_into(d_h[rows], dz, w)
+        mm_into(d_w, dz.T, hc, accumulate=True)
     stats = (out_lse, out_zy, out_ez)
     if coeffs is None:
         return stats
@@ -156,6 +165,7 @@ def backward_by_vocab(
     coeffs: Coeffs,
     *,
     block: int | None = None,
+    matmul: torch.dtype | None = None,
 ):
     """Gradients (d_input, d_weight, d_bias) in the compute dtype, walking blocks of vocabulary rows.
 
@@ -168,8 +178,9 @@ def backward_by_vocab(
     compute = torch.float64 if h.dtype == torch.float64 else torch.float32
     block = block or max(1, _WORKSPACE_ELEMS // ((2 if two_blocks else 1) * max(n, 1)))
     block = min(block, vocab)
-    hc = h.to(compute)
-    w = weight.to(compute)
+    mm = matmul or matmul_dtype(h.dtype, h.device)
+    hc = h.to(mm)
+    w = weight.to(mm)
     d_h = torch.zeros(n, hidden, dtype=compute, device=h.device)
     d_w = torch.empty(vocab, hidden, dtype=compute, device=h.device)
     d_b = torch.empty(vocab, dtype=compute, device=h.device) if bias is not None else None
@@ -192,14 +203,16 @@ def backward_by_vocab(
             dz = z.sub_(shift).exp_().mul_(a)
         here = (rows_target >= start) & (rows_target < stop)
         dz.index_put_((rows[here], rows_target[here] - start), -rows_c[here], accumulate=True)
-        torch.mm(dz.T, hc, out=d_w[start:stop])
-        d_h.addmm_(dz, w_block)
         if d_b is not None:
             torch.sum(dz, 0, out=d_b[start:stop])
+        dz = dz.to(mm)
+        mm_into(d_w[start:stop], dz.T, hc)
+        mm_into(d_h, dz, w_block, accumulate=True)
     return d_h, d_w, d_b
 
 
-def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, chunk: int | None = None):
+def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, chunk: int | None = None,
+                       matmul: torch.dtype | None = None):
     """Σ_s φ(nll_s, count_s) and its gradients in one pass, for labelled tokens grouped by sequence.
 
     Rows ``offsets[s]:offsets[s+1]`` (offsets = cumulative ``lengths``) are sequence s's tokens,
@@ -216,7 +229,8 @@ def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, c
     sizes = [int(x) for x in lengths.tolist()]
     compute = torch.float64 if h.dtype == torch.float64 else torch.float32
     budget = max(chunk or default_chunk(n, vocab, 1), max(sizes, default=1))
-    w = weight.to(compute)
+    mm = matmul or matmul_dtype(h.dtype, h.device)
+    w = weight.to(mm)
     bvec = bias.to(compute) if bias is not None else None
     nll = torch.zeros(len(sizes), dtype=compute, device=h.device)
     total = torch.zeros((), dtype=compute, device=h.device)
@@ -231,7 +245,7 @@ def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, c
             r1 += sizes[s1]
             s1 += 1
         r = slice(r0, r1)
-        hc = h[r].to(compute)
+        hc = h[r].to(mm)
         z = z_buf[: r1 - r0]
         logits_into(z, hc, w, bvec)
         y = target[r].unsqueeze(1)
@@ -253,10 +267,11 @@ def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, c
         coeff = slope.to(compute)[local]
         dz = e.mul_((coeff / sums).unsqueeze(1))
         dz.scatter_add_(1, y, -coeff.unsqueeze(1))
-        torch.mm(dz, w, out=d_h[r])
-        d_w.addmm_(dz.T, hc)
         if d_b is not None:
             d_b += dz.sum(0)
+        dz = dz.to(mm)
+        mm_into(d_h[r], dz, w)
+        mm_into(d_w, dz.T, hc, accumulate=True)
         s0, r0 = s1, r1
     return total, nll, (d_h, d_w, d_b)
 

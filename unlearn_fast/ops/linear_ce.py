@@ -18,8 +18,9 @@ a = g_ce + g_m (1 − E_p[z]),  b = g_m,  c = g_ce + g_m
 (∂E_p[z]/∂z_v = p_v (1 + z_v − E_p[z])), recomputing the logits tile by tile.
 
 Where the loss fixes the upstream gradients up to a factor known by the end of
-the forward pass, the torch path forms the gradient with the forward's logits
-instead (3 matmuls, not 4): plain CE with reduction mean/sum (``_SummedCE``),
+the forward pass, the chunked paths (torch; "triton_chunked", the CUDA default:
+cuBLAS chunks and one Triton row kernel, no atomics) form the gradient with the
+forward's logits instead (3 matmuls, not 4): plain CE with reduction mean/sum (``_SummedCE``),
 ``sequence_loss`` and ``irm_penalty``. Every op first drops the tokens without
 a label (prompts, padding): they add nothing and would cost as much as the rest.
 """
@@ -30,10 +31,19 @@ from typing import NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
+from . import _chunked_linear_ce as cuda_chunked
 from . import _torch_linear_ce as torch_path
 from ._checks import check_ids, flatten_tokens, resolve_backend
 
 _REDUCTIONS = ("mean", "sum", "none")
+# Backends that walk [chunk, V] logits blocks and so can form the gradient in the forward pass:
+# the torch path (CPU, fallback) and the CUDA default (cuBLAS chunks + the Triton row kernel).
+_CHUNKED = ("torch", "triton_chunked")
+
+
+def _passes(backend):
+    """The module of chunk passes of a chunked backend (same functions, same contracts)."""
+    return cuda_chunked if backend == "triton_chunked" else torch_path
 
 
 class IRMOutput(NamedTuple):
@@ -63,7 +73,7 @@ def _forward_stats(backend, h, weight, bias, target, valid, ignore_index, chunk,
     if backend == "triton":
         return _kernels().linear_ce_forward(h, weight, bias, target, ignore_index)
     # Without E_p[z] the torch pass holds one [chunk, V] block instead of two.
-    return torch_path.chunked_pass(h, weight, bias, target, valid, chunk=chunk, want_ez=need_m)
+    return _passes(backend).chunked_pass(h, weight, bias, target, valid, chunk=chunk, want_ez=need_m)
 
 
 class _TokenStats(torch.autograd.Function):
@@ -75,7 +85,12 @@ class _TokenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, target, ignore_index, backend, chunk, need_m):
         valid = target != ignore_index
-        lse, zy, ez = _forward_stats(backend, h, weight, bias, target, valid, ignore_index, chunk, need_m)
+        ctx.logits = None
+        if backend == "triton_chunked":  # one chunk: its logits are kept and the backward needs no recompute
+            (lse, zy, ez), ctx.logits = cuda_chunked.forward_keeping_logits(h, weight, bias, target, valid,
+                                                                             chunk=chunk, want_ez=need_m)
+        else:
+            lse, zy, ez = _forward_stats(backend, h, weight, bias, target, valid, ignore_index, chunk, need_m)
         ctx.save_for_backward(h, weight, bias, target, lse, ez)
         ctx.backend, ctx.chunk, ctx.ignore_index, ctx.need_m = backend, chunk, ignore_index, need_m
         ctx.set_materialize_grads(False)
@@ -102,6 +117,13 @@ class _TokenStats(torch.autograd.Function):
         lse = torch.where(valid, lse, torch.inf)
         if ctx.backend == "triton":
             d_h, d_w, d_b = _kernels().linear_ce_backward(h, weight, bias, target, lse, a, b, c)
+        elif ctx.backend == "triton_chunked" and ctx.logits is not None:
+            z, ctx.logits = ctx.logits, None  # turned into dz in place: a second backward recomputes
+            d_h, d_w, d_b = cuda_chunked.backward_from_logits(z, h, weight, bias, target, valid, lse,
+                                                              torch_path.Coeffs(a, b, c))
+        elif ctx.backend == "triton_chunked":
+            _, (d_h, d_w, d_b) = cuda_chunked.chunked_pass(h, weight, bias, target, valid, lse=lse,
+                                                           coeffs=torch_path.Coeffs(a, b, c), chunk=ctx.chunk)
         else:
             coeffs = torch_path.Coeffs(a, b, c)
             if h.shape[0] < weight.shape[0]:
@@ -127,14 +149,15 @@ class _SummedCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, target, ignore_index, scale, chunk):
+    def forward(ctx, h, weight, bias, target, ignore_index, scale, chunk, backend):
         valid = target != ignore_index
         needs_grad = any(t is not None and t.requires_grad for t in (h, weight, bias))
+        passes = _passes(backend)
         if not needs_grad:
-            lse, zy, _ = torch_path.chunked_pass(h, weight, bias, target, valid, chunk=chunk, want_ez=False)
+            lse, zy, _ = passes.chunked_pass(h, weight, bias, target, valid, chunk=chunk, want_ez=False)
             return ((lse - zy).sum() * scale).to(lse.dtype)
         ones = valid.to(torch.float64 if h.dtype == torch.float64 else torch.float32)
-        (lse, zy, _), grads = torch_path.chunked_pass(
+        (lse, zy, _), grads = passes.chunked_pass(
             h, weight, bias, target, valid, coeffs=torch_path.Coeffs(ones, None, ones), chunk=chunk, want_ez=False
         )
         _keep_gradients(ctx, grads, h, weight, bias)
@@ -147,7 +170,7 @@ class _SummedCE(torch.autograd.Function):
         (scale,) = ctx.saved_tensors
         hint = "; use reduction='none' and reduce the result yourself if you need to"
         return (*_hand_over_gradients(ctx, g * scale, "linear_cross_entropy(reduction='mean'|'sum')", hint),
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def _keep_gradients(ctx, grads, h, weight, bias):
@@ -163,12 +186,20 @@ def _hand_over_gradients(ctx, factor, op: str, hint: str = ""):
         raise RuntimeError(f"{op} (backend='torch') computes its gradient in the forward pass and hands it over "
                            f"in the first backward; it cannot backward twice{hint}")
     grads, ctx.grads = ctx.grads, None
-    return [grad.mul_(factor).to(dtype) if grad is not None else None for grad, dtype in zip(grads, ctx.dtypes)]
+    return [_scaled(grad, factor, dtype) if grad is not None else None for grad, dtype in zip(grads, ctx.dtypes)]
+
+
+def _scaled(grad: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """grad · factor in ``dtype``: one pass that writes the narrower result (the same roundings as scaling in
+    place and casting after, one [V, H] fp32 read and write fewer)."""
+    if grad.dtype == dtype:
+        return grad.mul_(factor)
+    return torch.mul(grad, factor, out=torch.empty_like(grad, dtype=dtype))
 
 
 def _token_stats(h, weight, bias, target, ignore_index, backend, chunk, need_m=False):
-    if backend == "triton" and h.dtype == torch.float64:
-        raise TypeError("backend='triton' does not support float64; use backend='torch'")
+    if backend in ("triton", "triton_chunked") and h.dtype == torch.float64:
+        raise TypeError(f"backend={backend!r} does not support float64; use backend='torch'")
     return _TokenStats.apply(h, weight, bias, target, ignore_index, backend, chunk, need_m)
 
 
@@ -177,6 +208,8 @@ def _prepare(input, linear_weight, target, linear_bias, ignore_index, backend, *
     if h.dtype != linear_weight.dtype:
         raise TypeError(f"input ({h.dtype}) and linear_weight ({linear_weight.dtype}) must have the same dtype")
     backend = resolve_backend(backend, h.device, h.dtype)
+    if backend in ("triton", "triton_chunked") and h.dtype == torch.float64:
+        raise TypeError(f"backend={backend!r} does not support float64; use backend='torch'")
     return h.contiguous(), y, ids, backend
 
 
@@ -221,11 +254,13 @@ def linear_cross_entropy(
     h, y, _, backend = _prepare(input, linear_weight, target, linear_bias, ignore_index, backend)
     num_tokens = y.numel()
     h, y, _, rows = _labelled_rows(h, y, ignore_index)
-    if reduction != "none" and backend == "torch":
+    if reduction != "none" and backend in _CHUNKED:
+        if backend == "triton_chunked" and h.dtype == torch.float64:
+            raise TypeError("backend='triton_chunked' does not support float64; use backend='torch'")
         scale = torch.ones((), dtype=torch.float64 if h.dtype == torch.float64 else torch.float32, device=h.device)
         if reduction == "mean":
             scale = scale / max(y.numel(), 1)
-        return _SummedCE.apply(h, linear_weight, linear_bias, y, ignore_index, scale, chunk_size)
+        return _SummedCE.apply(h, linear_weight, linear_bias, y, ignore_index, scale, chunk_size, backend)
     ce, _ = _token_stats(h, linear_weight, linear_bias, y, ignore_index, backend, chunk_size)
     if reduction == "none":
         return _scatter_rows(ce, rows, num_tokens).reshape(target.shape)
@@ -318,9 +353,9 @@ class _IRMPenalty(torch.autograd.Function):
     """Torch path of the IRMv1 penalty with its gradient formed during the forward pass (see irm_penalty)."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, target, env, half, num_envs, chunk):
-        penalty, env_loss, scale_grad, grads = torch_path.irm_penalty_pass(h, weight, bias, target, env, half,
-                                                                           num_envs, chunk=chunk)
+    def forward(ctx, h, weight, bias, target, env, half, num_envs, chunk, backend):
+        penalty, env_loss, scale_grad, grads = _passes(backend).irm_penalty_pass(h, weight, bias, target, env, half,
+                                                                                 num_envs, chunk=chunk)
         _keep_gradients(ctx, grads, h, weight, bias)
         ctx.mark_non_differentiable(env_loss, scale_grad)
         return penalty, env_loss, scale_grad
@@ -328,7 +363,7 @@ class _IRMPenalty(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g, _g_loss, _g_scale):
-        return (*_hand_over_gradients(ctx, g, "irm_penalty"), None, None, None, None, None)
+        return (*_hand_over_gradients(ctx, g, "irm_penalty"), None, None, None, None, None, None)
 
 
 def irm_penalty(
@@ -351,17 +386,22 @@ def irm_penalty(
     forward pass (3 matmuls per token instead of 4, see ``_torch_linear_ce.irm_penalty_pass``),
     at the cost of one extra [V, H] fp32 buffer per group in flight (two with ``unbiased``).
     ``env_loss`` and ``env_scale_grad`` come back detached. It cannot backward twice. The
-    Triton path, and calls that need no gradient, compute ``linear_cross_entropy_irm``.
+    Triton path, calls that need no gradient, and on CUDA calls with too few tokens for the
+    per-group buffers to pay off (``_chunked_linear_ce.penalty_recompute_is_cheaper``) compute
+    ``linear_cross_entropy_irm``.
     """
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
     h, y, env_id, half, resolved = _prepare_irm(input, linear_weight, target, env, num_envs, linear_bias,
                                                 ignore_index, backend, unbiased)
-    if resolved != "torch" or not needs_grad:
+    groups = num_envs * (2 if unbiased else 1)
+    few_tokens = resolved == "triton_chunked" and cuda_chunked.penalty_recompute_is_cheaper(h.shape[0], groups,
+                                                                                             h.device)
+    if resolved not in _CHUNKED or not needs_grad or few_tokens:
         out = _irm_of_rows(h, y, env_id, half, resolved, linear_weight, linear_bias, num_envs, ignore_index, chunk_size)
         return IRMOutput(out.env_loss.detach(), out.env_scale_grad.detach(), out.penalty)
     penalty, env_loss, scale_grad = _IRMPenalty.apply(h, linear_weight, linear_bias, y, env_id, half, num_envs,
-                                                      chunk_size)
+                                                      chunk_size, resolved)
     return IRMOutput(env_loss, scale_grad, penalty)
 
 
@@ -403,9 +443,9 @@ class _SequenceLoss(torch.autograd.Function):
     """Torch path of Σ_s φ(nll_s) with the gradient formed during the forward pass (see sequence_loss)."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, target, lengths, per_sequence_loss, chunk):
-        total, nll, grads = torch_path.sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss,
-                                                          chunk=chunk)
+    def forward(ctx, h, weight, bias, target, lengths, per_sequence_loss, chunk, backend):
+        total, nll, grads = _passes(backend).sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss,
+                                                                chunk=chunk)
         _keep_gradients(ctx, grads, h, weight, bias)
         ctx.mark_non_differentiable(nll)
         return total, nll
@@ -413,7 +453,7 @@ class _SequenceLoss(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g, _g_nll):
-        return (*_hand_over_gradients(ctx, g, "sequence_loss"), None, None, None, None)
+        return (*_hand_over_gradients(ctx, g, "sequence_loss"), None, None, None, None, None)
 
 
 def sequence_loss(
@@ -443,12 +483,14 @@ def sequence_loss(
     h, y, _, backend = _prepare(input, linear_weight, target, linear_bias, ignore_index, backend)
     lengths = (target != ignore_index).sum(1)
     longest = int(lengths.max()) if lengths.numel() else 0
-    fits = longest * linear_weight.shape[0] <= torch_path._WORKSPACE_ELEMS and (chunk_size is None or chunk_size >= longest)
+    workspace = _passes(backend)._WORKSPACE_ELEMS if backend in _CHUNKED else 0
+    fits = longest * linear_weight.shape[0] <= workspace and (chunk_size is None or chunk_size >= longest)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
-    if backend == "torch" and fits and needs_grad and longest > 0:
+    if backend in _CHUNKED and fits and needs_grad and longest > 0:
         h, y, _, _ = _labelled_rows(h, y, ignore_index)
-        loss, nll = _SequenceLoss.apply(h, linear_weight, linear_bias, y, lengths, per_sequence_loss, chunk_size)
+        loss, nll = _SequenceLoss.apply(h, linear_weight, linear_bias, y, lengths, per_sequence_loss, chunk_size,
+                                        backend)
         return SequenceLoss(loss, nll, lengths)
     nll, count = sequence_nll(input, linear_weight, target, linear_bias=linear_bias, ignore_index=ignore_index,
                               backend=backend, chunk_size=chunk_size)

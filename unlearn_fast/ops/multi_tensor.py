@@ -354,6 +354,8 @@ def fd_hvp_accumulate_(acc, g_moved, g_base, coeff, *, restore: SAMState | None 
             restore.backup = []
             restore.restored = True
             return
+    elif engine == "triton" and same_dtypes and _fd_hvp_triton(acc, g_moved, g_base, coeff_t):
+        pass
     else:
         diff = [g.detach().to(_opmath(a.dtype), copy=True) for a, g in zip(acc, g_moved)]
         if g_base is not None:
@@ -363,3 +365,20 @@ def fd_hvp_accumulate_(acc, g_moved, g_base, coeff, *, restore: SAMState | None 
             a.copy_(d.add_(a.to(d.dtype)))
     if restore is not None:
         sam_restore_(restore)
+
+
+def _fd_hvp_triton(acc, g_moved, g_base, coeff_t) -> bool:
+    """One ``_fd_hvp_kernel`` launch per flat run of (acc, g_moved[, g_base]); False (nothing done) when the
+    lists are not laid out run for run in flat buffers, so the caller takes the foreach path."""
+    from unlearn_fast.flatten import flat_groups
+    from unlearn_fast.kernels import multi_tensor as k
+
+    moved = flat_groups(acc, g_moved)
+    base = flat_groups(acc, g_base) if g_base is not None else None
+    if moved is None or (g_base is not None and (base is None or len(base) != len(moved))):
+        return False
+    if any(af.dtype == torch.float64 or gf.dtype == torch.float64 for af, gf in moved):
+        return False
+    for i, (af, gf) in enumerate(moved):
+        k.fd_hvp_accumulate_(af, gf.detach(), base[i][1].detach() if base is not None else None, coeff_t)
+    return True
