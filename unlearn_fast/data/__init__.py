@@ -1,0 +1,1 @@
+"""Data: benchmark record shapes and loaders."""
