@@ -187,3 +187,34 @@ def test_run_benchmark_bad_arguments(setup, tmp_path):
         run_benchmark(model, tokenizer, "tofu", dirs["tofu"], prompt_template="Q:")
     with pytest.raises(FileNotFoundError, match="forget"):
         run_benchmark(model, tokenizer, "tofu", tmp_path)
+
+
+def test_acc_norm_divides_by_the_choice_length():
+    from tests.reference_benchmarks import KnownLM
+
+    tokenizer = WordTokenizer(["<pad>", "<bos>", "<eos>", "<unk>", "q", "x", "yyyyyy"])
+    probs = torch.full((7, 7), 0.1)
+    probs[1, 4] = 0.4  # bos -> q
+    probs[4, 5], probs[4, 6] = 0.3, 0.2  # after q: x more likely than yyyyyy
+    model = KnownLM(probs / probs.sum(1, keepdim=True))
+    # log P(x) ≈ −1.39 > log P(yyyyyy) ≈ −1.79, but per character −1.39 < −0.30: acc picks x, acc_norm yyyyyy
+    res = multiple_choice_accuracy(model, tokenizer, [{"question": "q", "choices": ["x", "yyyyyy"], "answer": 1}],
+                                   fmt="text")
+    assert res["acc"] == 0.0 and res["acc_norm"] == 1.0
+
+
+def test_tofu_rouge_is_recall_and_muse_rouge_is_f1(setup, monkeypatch):
+    """With every generation = 'born in ' + the answer, recall is 1 and F1 is 1/2 for one-word answers."""
+    import unlearn_fast.eval.benchmark_suite as suite
+
+    _, tokenizer, dirs, model = setup
+    answer_of = {}
+    for name, key in (("tofu", "forget"), ("muse", "forget_knowmem")):
+        for r in getattr(load_benchmark(name, dirs[name]), key):
+            answer_of[r["question"]] = r["answer"]
+    monkeypatch.setattr(suite, "generate", lambda m, t, prompts, **kw: [f"born in {answer_of.get(p, 'x y')}"
+                                                                         for p in prompts])
+    tofu = run_benchmark(model, tokenizer, "tofu", dirs["tofu"], progress=False)
+    assert tofu["forget_Q_A_ROUGE"] == pytest.approx(1.0)
+    muse = run_benchmark(model, tokenizer, "muse", dirs["muse"], progress=False)
+    assert muse["forget_knowmem_ROUGE"] == pytest.approx(0.5)

@@ -23,6 +23,7 @@ parquet (parquet needs pyarrow). A file may also carry the public dataset's own 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -112,19 +113,49 @@ def find_split(directory, stems) -> Path | None:
     return None
 
 
+@contextlib.contextmanager
+def hugging_face_offline():
+    """Switch the hub and datasets libraries to offline mode for a block (they read the
+    HF_HUB_OFFLINE / HF_DATASETS_OFFLINE variables once, at import): what is not cached fails at
+    once instead of trying the network."""
+    import huggingface_hub.constants as hub
+
+    switches = [(hub, "HF_HUB_OFFLINE")]
+    try:
+        import datasets
+
+        switches += [(datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE")]
+    except ImportError:
+        pass
+    saved = [(obj, attr, getattr(obj, attr)) for obj, attr in switches if hasattr(obj, attr)]
+    env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    for obj, attr, _ in saved:
+        setattr(obj, attr, True)
+    os.environ.update({k: "1" for k in env})
+    try:
+        yield
+    finally:
+        for obj, attr, value in saved:
+            setattr(obj, attr, value)
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def hf_records(path: str, name: str | None, split: str) -> list[dict]:
-    """A split from the local Hugging Face ``datasets`` cache, offline (no download is attempted)."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    """A split from the local Hugging Face ``datasets`` cache (or a local dataset folder), offline."""
     try:
         import datasets
     except ImportError as exc:
         raise ImportError("reading from the Hugging Face cache needs the 'datasets' package") from exc
-    datasets.config.HF_DATASETS_OFFLINE = True
-    try:
-        return datasets.load_dataset(path, name, split=split).to_list()
-    except Exception as exc:  # the library raises several kinds when the cache lacks the split
-        raise FileNotFoundError(f"{path} ({name}, split {split}) is not in the local Hugging Face datasets cache "
-                                f"({type(exc).__name__}: {exc})") from exc
+    with hugging_face_offline():
+        try:
+            return datasets.load_dataset(path, name, split=split).to_list()
+        except Exception as exc:  # the library raises several kinds when the cache lacks the split
+            raise FileNotFoundError(f"{path} ({name}, split {split}) is not in the local Hugging Face datasets "
+                                    f"cache ({type(exc).__name__}: {exc})") from exc
 
 
 # ---------------------------------------------------------------- validation

@@ -38,13 +38,26 @@ def _frame(fact: dict, value: str) -> str:
     return PARAPHRASE_FRAME[fact["attribute"]].format(value)
 
 
-def perturbed_facts(facts: list[dict], seed: int) -> list[dict]:
-    """TOFU ``*_perturbed`` records: each fact with a paraphrased answer and NUM_PERTURBED wrong ones."""
+def known_values(corpus: Corpus) -> dict[str, list[str]]:
+    """Per attribute, the values that some person of the corpus has (words a corpus tokenizer knows)."""
+    facts = corpus.forget + corpus.retain
+    return {attr: sorted({f["answer"] for f in facts if f["attribute"] == attr}) for attr in ATTRIBUTES}
+
+
+def _others(values: dict, fact: dict) -> list[str]:
+    """The attribute's known values other than the fact's (the whole pool if the corpus has too few)."""
+    others = [v for v in values[fact["attribute"]] if v != fact["answer"]]
+    return others if len(others) >= NUM_PERTURBED else [v for v in ATTRIBUTES[fact["attribute"]][1]
+                                                        if v != fact["answer"]]
+
+
+def perturbed_facts(facts: list[dict], values: dict, seed: int) -> list[dict]:
+    """TOFU ``*_perturbed`` records: each fact with a paraphrased answer and NUM_PERTURBED wrong ones
+    (other values of the attribute that the corpus has)."""
     rng = random.Random(seed)
     out = []
     for fact in facts:
-        pool = [v for v in ATTRIBUTES[fact["attribute"]][1] if v != fact["answer"]]
-        wrong = rng.sample(pool, NUM_PERTURBED)
+        wrong = rng.sample(_others(values, fact), NUM_PERTURBED)
         out.append({"question": fact["question"], "answer": fact["answer"],
                     "paraphrased_answer": _frame(fact, fact["answer"]),
                     "perturbed_answer": [_frame(fact, v) for v in wrong]})
@@ -52,15 +65,16 @@ def perturbed_facts(facts: list[dict], seed: int) -> list[dict]:
 
 
 def holdout_facts(corpus: Corpus, count: int) -> list[dict]:
-    """Facts of ``count`` people who are not in the corpus (fresh names, values drawn from the same pools)."""
+    """Facts of ``count`` people who are not in the corpus (fresh names; values among those the corpus has)."""
     rng = random.Random(corpus.seed + 104729)
     known = {w for e in corpus.entities for w in e["name"].split()}
     names = [n for n in _names(rng, count + len(known)) if n not in known][:count]
+    values = known_values(corpus)
     people = []
     for name in names:
         person = {"name": f"{name} {rng.choice(names)}"}
-        for attr, (_, pool) in ATTRIBUTES.items():
-            person[attr] = rng.choice(pool)
+        for attr in ATTRIBUTES:
+            person[attr] = rng.choice(values[attr])
         people.append(person)
     return [f for p in people for f in _facts(p)]
 
@@ -80,13 +94,12 @@ def _label_options(records, labels) -> list[dict]:
              "perturbed_answer": [v for v in labels if v != r["answer"]]} for r in records]
 
 
-def multiple_choice(facts: list[dict], seed: int) -> list[dict]:
+def multiple_choice(facts: list[dict], values: dict, seed: int) -> list[dict]:
     """WMDP-shaped questions: the true value and three other values of the attribute, shuffled."""
     rng = random.Random(seed)
     out = []
     for fact in facts:
-        pool = [v for v in ATTRIBUTES[fact["attribute"]][1] if v != fact["answer"]]
-        choices = rng.sample(pool, 3) + [fact["answer"]]
+        choices = rng.sample(_others(values, fact), 3) + [fact["answer"]]
         rng.shuffle(choices)
         out.append({"question": fact["question"], "choices": choices, "answer": choices.index(fact["answer"])})
     return out
@@ -105,12 +118,12 @@ def export_benchmark(corpus: Corpus, name: str, directory) -> Path:
         raise ValueError(f"name must be one of {BENCHMARKS}, got {name!r}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    seed = corpus.seed
+    seed, values = corpus.seed, known_values(corpus)
     holdout = holdout_facts(corpus, max(1, len(corpus.forget) // len(ATTRIBUTES)))
     qa = lambda facts: [{"question": f["question"], "answer": f["answer"]} for f in facts]  # noqa: E731
     if name == "tofu":
-        write_jsonl(perturbed_facts(corpus.forget, seed), directory / "forget_perturbed.jsonl")
-        write_jsonl(perturbed_facts(corpus.retain, seed + 1), directory / "retain_perturbed.jsonl")
+        write_jsonl(perturbed_facts(corpus.forget, values, seed), directory / "forget_perturbed.jsonl")
+        write_jsonl(perturbed_facts(corpus.retain, values, seed + 1), directory / "retain_perturbed.jsonl")
         write_jsonl(qa(holdout), directory / "holdout.jsonl")
         rng = random.Random(seed + 2)
         if "arithmetic" in corpus.envs:
@@ -127,8 +140,8 @@ def export_benchmark(corpus: Corpus, name: str, directory) -> Path:
         for split, facts in (("forget", corpus.forget), ("retain", corpus.retain), ("holdout", holdout)):
             write_jsonl(_text(facts), directory / "privleak" / f"{split}.jsonl")
     else:
-        write_jsonl(multiple_choice(corpus.forget, seed), directory / "wmdp-bio.jsonl")
-        write_jsonl(multiple_choice(corpus.retain, seed + 1), directory / "mmlu.jsonl")
+        write_jsonl(multiple_choice(corpus.forget, values, seed), directory / "wmdp-bio.jsonl")
+        write_jsonl(multiple_choice(corpus.retain, values, seed + 1), directory / "mmlu.jsonl")
         write_jsonl(_text(corpus.forget), directory / "forget-corpus.jsonl")
         write_jsonl(corpus.general_train, directory / "retain-corpus.jsonl")
     meta = {"benchmark": name, "source": "unlearn_fast synthetic corpus", "seed": seed, "mc_format": "text"}

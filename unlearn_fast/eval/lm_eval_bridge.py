@@ -5,11 +5,13 @@ and tokenizer already loaded (a Hugging Face tokenizer: HFLM tokenises with it).
 must be local: a task of the harness whose dataset is in the local ``datasets`` cache, or a
 task YAML of one's own (``include_path``: a directory of task YAMLs, e.g. a ``dataset_path:
 json`` task over a local file). Nothing is downloaded: the Hugging Face libraries are put in
-offline mode first.
+offline mode for the run (``hugging_face_offline``).
 """
 from __future__ import annotations
 
 import os
+
+from ..data.benchmarks import hugging_face_offline
 
 
 def lm_eval_bridge(model, tokenizer, tasks: list[str], *, include_path=None, batch_size: int = 8,
@@ -23,8 +25,6 @@ def lm_eval_bridge(model, tokenizer, tasks: list[str], *, include_path=None, bat
     """
     if isinstance(tasks, str) or not tasks or not all(isinstance(t, str) and t for t in tasks):
         raise ValueError(f"tasks must be a non-empty list of task names, got {tasks!r}")
-    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
-        os.environ.setdefault(var, "1")
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -34,14 +34,15 @@ def lm_eval_bridge(model, tokenizer, tasks: list[str], *, include_path=None, bat
                           "(and the task data in the local Hugging Face datasets cache)") from exc
     if include_path is not None and not os.path.isdir(include_path):
         raise FileNotFoundError(f"include_path {include_path} is not a directory of task YAML files")
-    kwargs = {} if add_bos_token is None else {"add_bos_token": add_bos_token}
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **kwargs)
     if include_path is None and not include_defaults:
         raise ValueError("include_defaults=False needs an include_path with the task YAML files")
-    manager = TaskManager(include_path=None if include_path is None else str(include_path),
-                          include_defaults=include_defaults)
-    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                  log_samples=log_samples)
+    kwargs = {} if add_bos_token is None else {"add_bos_token": add_bos_token}
+    with hugging_face_offline():
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **kwargs)
+        manager = TaskManager(include_path=None if include_path is None else str(include_path),
+                              include_defaults=include_defaults)
+        out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                      log_samples=log_samples)
     if out is None:
         raise RuntimeError("lm_eval.simple_evaluate returned nothing (not the main process?)")
     return out if log_samples else out.get("results", {})
