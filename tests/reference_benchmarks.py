@@ -3,11 +3,11 @@ one example at a time, and the public packages (sklearn, rouge_score) where a me
 from __future__ import annotations
 
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from torch import nn
-from types import SimpleNamespace
 
 
 @torch.no_grad()

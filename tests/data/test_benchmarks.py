@@ -3,8 +3,17 @@ import json
 
 import pytest
 
-from unlearn_fast.data.benchmarks import (MuseData, TofuData, WmdpData, check_records, find_split, hf_records,
-                                          load_benchmark, read_meta, read_records)
+from unlearn_fast.data.benchmarks import (
+    MuseData,
+    TofuData,
+    WmdpData,
+    check_records,
+    find_split,
+    hf_records,
+    load_benchmark,
+    read_meta,
+    read_records,
+)
 from unlearn_fast.eval.benchmark_corpus import export_benchmark
 from unlearn_fast.eval.corpus import build_corpus
 from unlearn_fast.eval.tokenizer import WordTokenizer

@@ -8,6 +8,7 @@ import torch
 
 from tests.reference_benchmarks import naive_avg_loss, naive_greedy, naive_mia_scores, naive_token_stats, sklearn_auc
 from tests.tiny import tiny_llama
+from unlearn_fast.data.benchmarks import load_benchmark
 from unlearn_fast.eval.benchmark_corpus import export_benchmark
 from unlearn_fast.eval.benchmark_suite import run_benchmark
 from unlearn_fast.eval.corpus import build_corpus
@@ -15,12 +16,11 @@ from unlearn_fast.eval.metrics import encode_qa
 from unlearn_fast.eval.model import QUICK_MODEL, TeachSpec, build_llama, teach
 from unlearn_fast.eval.multiple_choice import context_and_continuations, encode_pair, multiple_choice_accuracy
 from unlearn_fast.eval.tokenizer import WordTokenizer
-from unlearn_fast.data.benchmarks import load_benchmark
 
 pytest.importorskip("scipy")
 pytest.importorskip("sklearn")
 rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
-from scipy import stats  # noqa: E402
+from scipy import stats
 
 NEW_TOKENS = 5
 
@@ -197,9 +197,9 @@ def test_acc_norm_divides_by_the_choice_length():
     probs[1, 4] = 0.4  # bos -> q
     probs[4, 5], probs[4, 6] = 0.3, 0.2  # after q: x more likely than yyyyyy
     model = KnownLM(probs / probs.sum(1, keepdim=True))
-    # log P(x) ≈ −1.39 > log P(yyyyyy) ≈ −1.79, but per character −1.39 < −0.30: acc picks x, acc_norm yyyyyy
-    res = multiple_choice_accuracy(model, tokenizer, [{"question": "q", "choices": ["x", "yyyyyy"], "answer": 1}],
-                                   fmt="text")
+    # log P(x) = log 0.3 > log P(yyyyyy) = log 0.2, but per character −1.20 < −0.27: acc picks x, acc_norm yyyyyy
+    question = {"question": "q", "choices": ["x", "yyyyyy"], "answer": 1}
+    res = multiple_choice_accuracy(model, tokenizer, [question], fmt="text")
     assert res["acc"] == 0.0 and res["acc_norm"] == 1.0
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 EXTENSIONS = (".jsonl", ".json", ".parquet")

@@ -120,7 +120,7 @@ def export_benchmark(corpus: Corpus, name: str, directory) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     seed, values = corpus.seed, known_values(corpus)
     holdout = holdout_facts(corpus, max(1, len(corpus.forget) // len(ATTRIBUTES)))
-    qa = lambda facts: [{"question": f["question"], "answer": f["answer"]} for f in facts]  # noqa: E731
+    qa = lambda facts: [{"question": f["question"], "answer": f["answer"]} for f in facts]
     if name == "tofu":
         write_jsonl(perturbed_facts(corpus.forget, values, seed), directory / "forget_perturbed.jsonl")
         write_jsonl(perturbed_facts(corpus.retain, values, seed + 1), directory / "retain_perturbed.jsonl")

@@ -114,13 +114,13 @@ def ks_exact_pvalue(d: float, m: int, n: int) -> float:
     """
     g = math.gcd(m, n)
     lcm = m // g * n
-    h = int(round(d * lcm))
+    h = round(d * lcm)
     if h <= 0:
         return 1.0
     bound = h * g
     reach = np.array([1.0])  # probability of (i, s − i) for i = lo..hi on anti-diagonal s
     lo, outside = 0, 0.0
-    for s in range(0, m + n + 1):
+    for s in range(m + n + 1):
         i = np.arange(lo, lo + reach.size)
         j = s - i
         hit = np.abs(i * n - j * m) >= bound

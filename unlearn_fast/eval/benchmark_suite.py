@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.benchmarks import TofuData, MuseData, WmdpData, load_benchmark, read_meta
+from ..data.benchmarks import MuseData, TofuData, WmdpData, load_benchmark, read_meta
 from . import benchmark_metrics as bm
 from .metrics import encode_qa
-from .mia import ATTACKS, DEFAULT_K, attack_scores, decoded_targets, mia_auc
+from .mia import DEFAULT_K, mia_aucs
 from .multiple_choice import multiple_choice_accuracy
 from .token_scores import average_losses, token_scores
 
@@ -135,15 +135,6 @@ def _perturbed_losses(scorer: _Scorer, records, correct_key: str) -> tuple[list[
     return correct, wrong
 
 
-def _mia(model, tokenizer, forget_examples, holdout_examples, *, k, batch_size, progress) -> dict:
-    kw = dict(batch_size=batch_size, pad_token_id=_pad_id(tokenizer), moments=True, progress=progress)
-    forget = token_scores(model, forget_examples, desc="MIA forget", **kw)
-    holdout = token_scores(model, holdout_examples, desc="MIA holdout", **kw)
-    texts_f, texts_h = decoded_targets(tokenizer, forget_examples), decoded_targets(tokenizer, holdout_examples)
-    return {f"mia_{a}": mia_auc(attack_scores(forget, texts_f, a, k), attack_scores(holdout, texts_h, a, k))
-            for a in ATTACKS}
-
-
 def _text_examples(tokenizer, records, max_length: int) -> list[dict]:
     """Raw text scored whole: [bos] text, every token after the first a label (no EOS appended)."""
     out = []
@@ -193,10 +184,10 @@ def evaluate_tofu(model, tokenizer, data: TofuData, *, reference=None, batch_siz
     out["forget_quality"] = bm.forget_quality(raw["forget_truth_ratios"], ref_ratios) if ref_ratios else None
     if data.holdout is not None:
         limit = _max_length(model, 512)
-        qa = lambda rs: encode_qa([{"question": prompt_template.format(r["question"]), "answer": r["answer"]}  # noqa
+        qa = lambda rs: encode_qa([{"question": prompt_template.format(r["question"]), "answer": r["answer"]}
                                    for r in rs], tokenizer, eos=False, max_length=limit)
-        out.update(_mia(model, tokenizer, qa(data.forget), qa(data.holdout), k=mia_k, batch_size=batch_size,
-                        progress=progress))
+        out.update(mia_aucs(model, tokenizer, qa(data.forget), qa(data.holdout), k=mia_k, batch_size=batch_size,
+                            pad_token_id=_pad_id(tokenizer), progress=progress))
         out["privleak"] = bm.privleak(out["mia_min_k"], (reference or {}).get("mia_min_k"))
     return {**out, "raw": raw}
 
@@ -212,16 +203,18 @@ def evaluate_muse(model, tokenizer, data: MuseData, *, reference=None, batch_siz
         answers = generate(model, tokenizer, [prompt_template.format(r["question"]) for r in records],
                            max_new_tokens=knowmem_new, batch_size=batch_size, stopwords=KNOWMEM_STOPWORDS,
                            progress=progress, desc=f"{split} knowmem")
-        out[f"{split}_knowmem_ROUGE"] = _rouge(tokenizer, answers, [r["answer"] for r in records], "f1", rouge_stemmer)[0]
+        targets = [r["answer"] for r in records]
+        out[f"{split}_knowmem_ROUGE"] = _rouge(tokenizer, answers, targets, "f1", rouge_stemmer)[0]
     if data.verbmem is not None:
         continuations = generate(model, tokenizer, [r["prompt"] for r in data.verbmem],
                                  max_new_tokens=max_new_tokens or MAX_NEW_TOKENS["verbmem"], batch_size=batch_size,
                                  progress=progress, desc="verbmem")
-        out["forget_verbmem_ROUGE"] = _rouge(tokenizer, continuations, [r["gt"] for r in data.verbmem], "f1", rouge_stemmer)[0]
+        targets = [r["gt"] for r in data.verbmem]
+        out["forget_verbmem_ROUGE"] = _rouge(tokenizer, continuations, targets, "f1", rouge_stemmer)[0]
     limit = _max_length(model, 2048)
-    out.update(_mia(model, tokenizer, _text_examples(tokenizer, data.forget_text, limit),
-                    _text_examples(tokenizer, data.holdout_text, limit), k=mia_k, batch_size=batch_size,
-                    progress=progress))
+    out.update(mia_aucs(model, tokenizer, _text_examples(tokenizer, data.forget_text, limit),
+                        _text_examples(tokenizer, data.holdout_text, limit), k=mia_k, batch_size=batch_size,
+                        pad_token_id=_pad_id(tokenizer), progress=progress))
     out["privleak"] = bm.privleak(out["mia_min_k"], (reference or {}).get("mia_min_k"))
     return {**out, "raw": {}}
 
