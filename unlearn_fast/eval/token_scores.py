@@ -2,7 +2,8 @@
 
 Every benchmark metric here is a function of, for each labelled token t of an example,
     log p_t(y_t)                                   (the fused op: −linear_cross_entropy(reduction="none"))
-and, for min-k%++ only, the mean and variance of log p_t(v) when v ~ p_t:
+and, for min-k%++ only, the mean and variance of log p_t(v) when v ~ p_t (then log p_t(y_t) comes
+from the same chunked pass, one matmul in all):
     μ_t  = E_{v~p_t}[log p_t(v)] = E_p[z] − lse,   σ²_t = Var_{v~p_t}[log p_t(v)] = Var_p[z]
 (log p_t(v) = z_v − lse_t differs from the logit by a constant, so its variance is the logits'
 variance under p). ``_moments`` gets them from token chunks of C rows: the logits of a chunk
@@ -33,25 +34,31 @@ class TokenScores(NamedTuple):
     var: torch.Tensor | None  # [n] Var_p[log p]
 
 
-def _moments(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(μ, σ²) [N] fp32 of log p under p for hidden rows ``h`` [N, H], chunk by chunk (see the module doc)."""
+def _moments(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+             target: torch.Tensor | None = None):
+    """(μ, σ²) [N] fp32 of log p under p for hidden rows ``h`` [N, H], chunk by chunk (see the module doc);
+    with ``target`` [N] also log p(target) from the same logits: (logp, μ, σ²), one matmul in all."""
     n, vocab = h.shape[0], weight.shape[0]
     chunk = max(1, MOMENT_WORKSPACE // vocab)
     w = weight.float()
     b = bias.float() if bias is not None else None
     mu = torch.empty(n, dtype=torch.float32, device=h.device)
     var = torch.empty_like(mu)
+    logp = torch.empty_like(mu) if target is not None else None
     for start in range(0, n, chunk):
-        z = h[start:start + chunk].float() @ w.T
+        rows = slice(start, start + chunk)
+        z = h[rows].float() @ w.T
         if b is not None:
             z += b
         lse = torch.logsumexp(z, dim=1, keepdim=True)
+        if logp is not None:
+            logp[rows] = (z.gather(1, target[rows, None]) - lse).squeeze(1)
         p = (z - lse).exp_()
         mean_z = (p * z).sum(1, keepdim=True)
         z -= mean_z
-        var[start:start + chunk] = (p * z.square_()).sum(1)
-        mu[start:start + chunk] = (mean_z - lse).squeeze(1)
-    return mu, var
+        var[rows] = (p * z.square_()).sum(1)
+        mu[rows] = (mean_z - lse).squeeze(1)
+    return (mu, var) if logp is None else (logp, mu, var)
 
 
 def _progress(progress, total: int, desc: str):
@@ -84,11 +91,12 @@ def token_scores(model, examples, *, batch_size: int = 16, pad_token_id: int = 0
             hidden, labels = shift(final_hidden(parts, batch), batch["labels"])
             scored = labels != -100
             rows, targets = hidden[scored], labels[scored]  # [n, H]: the labelled rows only, in row-major order
-            logp = -ops.linear_cross_entropy(rows, parts.head_weight, targets, linear_bias=parts.head_bias,
-                                             reduction="none").float()
             mu = var = None
-            if moments:
-                mu, var = _moments(rows, parts.head_weight, parts.head_bias)
+            if moments:  # one pass gives all three (the fused op would add a second matmul)
+                logp, mu, var = _moments(rows, parts.head_weight, parts.head_bias, targets)
+            else:
+                logp = -ops.linear_cross_entropy(rows, parts.head_weight, targets, linear_bias=parts.head_bias,
+                                                 reduction="none").float()
             counts = scored.sum(1).tolist()
             offset = 0
             for i, count in zip(idx, counts):
