@@ -218,3 +218,17 @@ def test_tofu_rouge_is_recall_and_muse_rouge_is_f1(setup, monkeypatch):
     assert tofu["forget_Q_A_ROUGE"] == pytest.approx(1.0)
     muse = run_benchmark(model, tokenizer, "muse", dirs["muse"], progress=False)
     assert muse["forget_knowmem_ROUGE"] == pytest.approx(0.5)
+
+
+def test_generate_keeps_the_prompt_when_the_continuation_does_not_fit(setup):
+    """max_new_tokens beyond the context: the continuation is cut to fit, never the prompt (as naive greedy)."""
+    from unlearn_fast.eval.benchmark_suite import generate
+
+    corpus, tokenizer, _, model = setup
+    prompts = [f["question"] for f in corpus.forget[:3]] + ["The quiet river"]
+    limit = model.config.max_position_embeddings
+    got = generate(model, tokenizer, prompts, max_new_tokens=10 * limit, batch_size=2)
+    for prompt, text in zip(prompts, got):
+        ids = [tokenizer.bos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)
+        expect = tokenizer.decode(naive_greedy(model, ids, limit - len(ids), tokenizer.eos_token_id))
+        assert text == expect.strip(), prompt

@@ -68,7 +68,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            seqs = [encoded[i][-max(1, limit - max_new_tokens):] for i in idx]
+            # the whole prompt if it fits the context (less of the continuation then), else its end
+            seqs = [encoded[i][-(limit - 1):] for i in idx]
             width = max(len(s) for s in seqs)
             ids = torch.full((len(seqs), width), pad, dtype=torch.long)
             mask = torch.zeros_like(ids)
