@@ -13,7 +13,7 @@ import torch
 
 import unlearn_fast as uf
 from tests.conftest import HAS_TRITON
-from tests.reference import naive_irm, naive_linear_ce, naive_sequence_nll
+from unlearn_fast.testing.reference import naive_irm, naive_linear_ce, naive_sequence_nll
 
 N, H, V, E = 29, 17, 75, 3  # odd shapes, few row programs (the interpreter runs each one)
 SLACK = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
