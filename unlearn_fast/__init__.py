@@ -2,6 +2,7 @@
 import importlib
 
 from . import ops, optim
+from .adversarial import embedding_attack
 from .averaging import WeightAverager
 from .config import UnlearnConfig
 from .flatten import FlatParameters, flatten_parameters

@@ -64,6 +64,7 @@ def chunked_pass(
     coeffs: Coeffs | Callable[..., Coeffs] | None = None,
     chunk: int | None = None,
     want_ez: bool = True,
+    weight_grad: bool = True,
 ):
     """One pass over token chunks.
 
@@ -75,6 +76,8 @@ def chunked_pass(
     ``coeffs`` may also be a function ``(lse, zy, ez) -> Coeffs`` of a chunk's statistics
     (chunk-sized vectors): a loss whose per-token upstream gradient is known once the token's own
     statistics are gets its gradient in this same pass (one matmul fewer than recompute).
+    ``weight_grad=False`` (weight and bias frozen, e.g. an input-only attack) forms d_input alone:
+    no [V, H] buffer and no weight-gradient matmul; d_weight and d_bias come back None.
     """
     n, hidden = h.shape
     vocab = weight.shape[0]
@@ -88,8 +91,8 @@ def chunked_pass(
     out_ez = torch.zeros_like(out_lse)
     if coeffs is not None:
         d_h = torch.empty(n, hidden, dtype=compute, device=h.device)
-        d_w = torch.zeros(vocab, hidden, dtype=compute, device=h.device)
-        d_b = torch.zeros(vocab, dtype=compute, device=h.device) if bias is not None else None
+        d_w = torch.zeros(vocab, hidden, dtype=compute, device=h.device) if weight_grad else None
+        d_b = torch.zeros(vocab, dtype=compute, device=h.device) if bias is not None and weight_grad else None
     # Workspace allocated once: z holds the logits, e = exp(z − shift) (in z's storage when z is
     # not needed afterwards), then d z.
     z_buf = torch.empty(min(chunk, n), vocab, dtype=compute, device=h.device)
@@ -137,7 +140,8 @@ def chunked_pass(
             dz = e.mul_(a)
         dz.scatter_add_(1, y, -cf.c.to(compute).unsqueeze(1))
         torch.mm(dz, w, out=d_h[rows])
-        d_w.addmm_(dz.T, hc)
+        if d_w is not None:
+            d_w.addmm_(dz.T, hc)
         if d_b is not None:
             d_b += dz.sum(0)
     stats = (out_lse, out_zy, out_ez)
