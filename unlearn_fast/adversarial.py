@@ -87,9 +87,15 @@ def input_embeddings(model: nn.Module) -> nn.Module:
 
 
 def embedding_radius(model: nn.Module, eps: float) -> float:
-    """eps · mean_v ‖E_v‖₂ over the rows of the input-embedding matrix (fp32)."""
+    """eps · mean_v ‖E_v‖₂ over the rows of the input-embedding matrix (fp32, fp64 for fp64; a block of rows
+    at a time, so that no copy of the matrix is made)."""
+    weight = input_embeddings(model).weight
+    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    total = 0.0
     with torch.no_grad():
-        return float(eps * input_embeddings(model).weight.float().norm(dim=1).mean())
+        for start in range(0, weight.shape[0], 4096):
+            total += float(torch.linalg.vector_norm(weight[start:start + 4096].to(compute), dim=1).sum())
+    return eps * total / max(weight.shape[0], 1)
 
 
 def _project_(delta: torch.Tensor, radius: float) -> torch.Tensor:
@@ -116,19 +122,21 @@ class _Frozen:
 
 
 def _attack(model, input_ids, labels, attention_mask, eps, steps, step_size, universal, ignore_index):
-    """(δ [B, T, H] or universal [P, H] in fp32, mask or slots); the attack loop shared by both modes."""
+    """δ [B, T, H] (or universal [P, H]) in fp32 (fp64 for fp64 models): the loop shared by both modes."""
     parts = lm_parts(model)
     embedding = input_embeddings(model)
     radius = embedding_radius(model, eps)
     hidden_size = embedding.weight.shape[1]
     device = embedding.weight.device
+    # δ is kept in fp32 (fp64 for an fp64 model): signed steps of 1e-4 would round away in bf16
+    compute = torch.float64 if embedding.weight.dtype == torch.float64 else torch.float32
     if universal:
         slots = universal_slots(labels, attention_mask, ignore_index=ignore_index)
         size = int(slots.max()) + 1 if slots.numel() else 0
-        delta = torch.zeros(size, hidden_size, dtype=torch.float32, device=device)
+        delta = torch.zeros(size, hidden_size, dtype=compute, device=device)
     else:
         mask = prompt_mask(labels, attention_mask, ignore_index=ignore_index).unsqueeze(-1)
-        delta = torch.zeros(*input_ids.shape, hidden_size, dtype=torch.float32, device=device)
+        delta = torch.zeros(*input_ids.shape, hidden_size, dtype=compute, device=device)
     if steps == 0 or delta.numel() == 0:
         return delta
     with _Frozen(model), torch.enable_grad():
