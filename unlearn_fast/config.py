@@ -101,8 +101,9 @@ class UnlearnConfig:
         """Whether the gradient comes from ``backward()`` alone: no ``autograd.grad`` with respect to the
         parameters and no weights moved in place (SAM, GP, RS, CR, parameter IRM and RMU's frozen copy
         need both). Sharded training can then gather one layer at a time."""
-        return (self.method != "rmu" and self.sam_rho == 0 and self.adv_eps == 0 and self.gp_weight == 0 and self.rs_samples == 0
-                and self.cr_weight == 0 and self.irm in (None, "logit", "logit_unbiased"))
+        return (self.method != "rmu" and self.sam_rho == 0 and self.gp_weight == 0 and self.rs_samples == 0
+                and self.cr_weight == 0 and self.irm in (None, "logit", "logit_unbiased")
+                and self.adv_eps == 0)  # the attack's extra forward/input-backward freezes every parameter
 
     @classmethod
     def field_names(cls) -> list[str]:
