@@ -223,9 +223,9 @@ def test_graddiff_step_takes_the_forget_loss_at_the_attacked_embeddings(model64)
     naive = torch.autograd.grad(-forget_ce + retain_ce, list(model64.parameters()))
     for a, b in zip(ours, naive):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11)
-    assert metrics["forget_ce"] == pytest.approx(float(forget_ce), rel=1e-9)
+    assert metrics["forget_ce"] == pytest.approx(float(forget_ce.detach()), rel=1e-9)
     clean_ce = ref.answer_ce(model64, embed(forget["input_ids"]), forget["attention_mask"], forget["labels"])
-    assert float(forget_ce) < float(clean_ce)  # the attack did pull toward the answer
+    assert float(forget_ce.detach()) < float(clean_ce.detach())  # the attack did pull toward the answer
     model64.zero_grad(set_to_none=True)
 
 
@@ -255,11 +255,11 @@ def test_cadvul_terms_with_a_target_answer(model64):
     naive = torch.autograd.grad(loss, list(model64.parameters()), retain_graph=True)
     for a, b in zip(ours, naive):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11)
-    assert metrics["forget_loss"] == pytest.approx(float(loss), rel=1e-9)
-    assert metrics["toward_ce"] == pytest.approx(float(toward), rel=1e-9)
+    assert metrics["forget_loss"] == pytest.approx(float(loss.detach()), rel=1e-9)
+    assert metrics["toward_ce"] == pytest.approx(float(toward.detach()), rel=1e-9)
     # below the cut-off the term gives no gradient: with a toward cut-off above its CE only away is left
     high = uf.UnlearnConfig(method="ga", adv_eps=0.02, adv_steps=2, adv_step_size=1e-3, adv_toward_weight=0.3,
-                            adv_away_weight=0.7, adv_cutoffs=(float(toward) + 1.0, -5.0))
+                            adv_away_weight=0.7, adv_cutoffs=(float(toward.detach()) + 1.0, -5.0))
     uf.unlearning_gradients(model64, forget, None, config=high)
     only_away = torch.autograd.grad(0.7 * away, list(model64.parameters()))
     for p, b in zip(model64.parameters(), only_away):
