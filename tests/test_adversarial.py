@@ -275,3 +275,31 @@ def test_a_target_with_another_prompt_is_refused():
     forget.update(target_input_ids=other, target_labels=forget["labels"].clone())
     with pytest.raises(ValueError, match="target_input_ids"):
         uf.unlearning_gradients(model, forget, None, config=uf.UnlearnConfig(method="ga", adv_eps=0.05))
+
+
+@pytest.mark.parametrize("kwargs", [dict(method="npo"), dict(method="simnpo"), dict(method="npo", sam_rho=0.01),
+                                    dict(method="ga", gp_weight=0.1)])
+def test_every_forget_loss_and_smoother_runs_at_the_naive_attacked_embeddings(model64, kwargs):
+    """npo+adv, npo+sam+adv, ...: the step with adv_eps equals the plain step on the batch carrying the naive δ."""
+    forget, retain = ragged_batch(13), make_batch(14)
+    forget["ref_nll"] = torch.tensor([20.0, 25.0, 15.0], dtype=torch.float64)
+    for p in model64.parameters():
+        p.requires_grad_(True)
+    delta = ref.naive_attack(model64, *batch_args(forget), forget["attention_mask"], eps=0.02, steps=3,
+                             step_size=1e-3)
+    for p in model64.parameters():
+        p.requires_grad_(True)
+    model64.zero_grad(set_to_none=True)
+    uf.unlearning_gradients(model64, dict(forget, embedding_delta=delta), retain, config=uf.UnlearnConfig(**kwargs))
+    expected = _grads(model64)
+    model64.zero_grad(set_to_none=True)
+    clean = uf.unlearning_gradients(model64, forget, retain, config=uf.UnlearnConfig(**kwargs))
+    clean_grads = _grads(model64)
+    model64.zero_grad(set_to_none=True)
+    adv = uf.unlearning_gradients(model64, forget, retain, config=uf.UnlearnConfig(
+        adv_eps=0.02, adv_steps=3, adv_step_size=1e-3, **kwargs))
+    for p, b in zip(model64.parameters(), expected):
+        torch.testing.assert_close(p.grad, b, rtol=1e-8, atol=1e-11)
+    assert adv["forget_loss"] != pytest.approx(clean["forget_loss"], rel=1e-6)  # the attack changed the point
+    assert any(not torch.allclose(a, b, rtol=1e-6) for a, b in zip(expected, clean_grads))
+    model64.zero_grad(set_to_none=True)
