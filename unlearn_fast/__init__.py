@@ -2,6 +2,7 @@
 import importlib
 
 from . import ops, optim
+from .objectives.adversarial import embedding_attack
 from .optim.averaging import WeightAverager
 from .objectives.config import UnlearnConfig
 from .flatten import FlatParameters, flatten_parameters

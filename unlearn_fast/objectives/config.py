@@ -41,6 +41,13 @@ class UnlearnConfig:
     cr_weight: float = 0.0
     cr_step: float = 0.01
     fd_step: float = 1e-3  # finite-difference step of the CR Hessian-vector products
+    # C-AdvUL (SPEC §1.5): the forget loss at prompt embeddings attacked toward the forgotten answer
+    adv_eps: float = 0.0  # 0 = off; radius relative to the mean embedding-row norm
+    adv_steps: int = 10
+    adv_step_size: float = 1e-4
+    adv_toward_weight: float = 0.5  # with a target answer in the forget batch (target_input_ids, ...)
+    adv_away_weight: float = 0.5
+    adv_cutoffs: tuple = (0.5, -5.0)  # (toward CE floor, away −CE floor)
     # RMU (SPEC §1.1)
     rmu_layer: int = 7
     rmu_steering: float = 6.5
@@ -75,6 +82,7 @@ class UnlearnConfig:
             raise ValueError("UnlearnConfig.irm must name a reading ('logit', ...) when irm_weight > 0")
         if self.method == "rmu" and (self.rmu_layer < 0 or self.rmu_steering <= 0):
             raise ValueError("UnlearnConfig.rmu_layer must be >= 0 and rmu_steering > 0")
+        _check_adversarial(self)
         smoothers = [n for n, on in (("sam_rho", self.sam_rho > 0), ("rs_samples", self.rs_samples > 0),
                                      ("gp_weight", self.gp_weight > 0), ("cr_weight", self.cr_weight > 0)) if on]
         if len(smoothers) > 1:
@@ -94,11 +102,29 @@ class UnlearnConfig:
         parameters and no weights moved in place (SAM, GP, RS, CR, parameter IRM and RMU's frozen copy
         need both). Sharded training can then gather one layer at a time."""
         return (self.method != "rmu" and self.sam_rho == 0 and self.gp_weight == 0 and self.rs_samples == 0
-                and self.cr_weight == 0 and self.irm in (None, "logit", "logit_unbiased"))
+                and self.cr_weight == 0 and self.irm in (None, "logit", "logit_unbiased")
+                and self.adv_eps == 0)  # the attack's extra forward/input-backward freezes every parameter
 
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+def _check_adversarial(config: UnlearnConfig) -> None:
+    for name in ("adv_eps", "adv_step_size", "adv_toward_weight", "adv_away_weight"):
+        value = getattr(config, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+            raise ValueError(f"UnlearnConfig.{name} must be a number >= 0, got {value!r}")
+    if not isinstance(config.adv_steps, int) or isinstance(config.adv_steps, bool) or config.adv_steps < 0:
+        raise ValueError(f"UnlearnConfig.adv_steps must be an int >= 0, got {config.adv_steps!r}")
+    cutoffs = config.adv_cutoffs
+    if (not isinstance(cutoffs, (tuple, list)) or len(cutoffs) != 2
+            or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in cutoffs)):
+        raise ValueError(f"UnlearnConfig.adv_cutoffs must be two numbers (toward, away), got {cutoffs!r}")
+    config.adv_cutoffs = (float(cutoffs[0]), float(cutoffs[1]))  # a YAML/JSON list becomes the tuple
+    if config.adv_eps > 0 and config.method == "rmu":
+        raise ValueError("UnlearnConfig.adv_eps > 0 (C-AdvUL) needs a forget loss on the answer "
+                         "(ga, graddiff, npo, simnpo), not method='rmu'")
 
 
 def _choice(name, value, allowed):

@@ -34,7 +34,17 @@ def lm_parts(model: nn.Module) -> LMParts:
 
 
 def final_hidden(parts: LMParts, batch: dict) -> torch.Tensor:
-    """Final hidden states [B, T, H] of a batch dict (``input_ids``, optional ``attention_mask``)."""
+    """Final hidden states [B, T, H] of a batch dict (``input_ids``, optional ``attention_mask``).
+
+    With ``embedding_delta`` [B, T, H] (an embedding-space attack, uf.adversarial) the body runs on the
+    input embeddings plus δ; the embedding layer still gets its gradient.
+    """
+    delta = batch.get("embedding_delta")
+    if delta is not None:
+        embeds = parts.body.get_input_embeddings()(batch["input_ids"])
+        out = parts.body(inputs_embeds=embeds + delta.to(embeds.dtype), attention_mask=batch.get("attention_mask"),
+                         use_cache=False)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     out = parts.body(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 

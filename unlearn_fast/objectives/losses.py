@@ -60,6 +60,28 @@ def forget_loss(parts: LMParts, batch: dict, config: UnlearnConfig) -> tuple[tor
                   "npo_delta": _item((nll - ref).sum() / count.sum().clamp(min=1))}
 
 
+def adversarial_forget_loss(parts: LMParts, batch: dict, config: UnlearnConfig) -> tuple[torch.Tensor, dict]:
+    """The forget term of C-AdvUL (SPEC §1.5) on a batch from ``uf.adversarial.attacked_forget_batch``.
+
+    Without a target answer: the method's ℓ_f at the attacked embeddings. With one (``target_input_ids``):
+    w_away · away + w_toward · max(CE(target answer), toward cutoff), where away is ℓ_f (GA's −CE floored
+    at the away cutoff; NPO/SimNPO are bounded by their own form), both at the attacked embeddings.
+    """
+    away, terms = forget_loss(parts, batch, config)
+    if batch.get("target_input_ids") is None:
+        return away, terms
+    toward_cutoff, away_cutoff = config.adv_cutoffs
+    if config.method in ("ga", "graddiff"):
+        away = torch.clamp(away, min=away_cutoff)
+    target = {"input_ids": batch["target_input_ids"], "attention_mask": batch.get("target_attention_mask"),
+              "embedding_delta": batch.get("target_embedding_delta")}
+    hidden, labels = shift(final_hidden(parts, target), batch["target_labels"])
+    toward_ce = ops.linear_cross_entropy(hidden, parts.head_weight, labels, linear_bias=parts.head_bias,
+                                         ignore_index=config.ignore_index)
+    loss = config.adv_away_weight * away + config.adv_toward_weight * torch.clamp(toward_ce, min=toward_cutoff)
+    return loss, {**terms, "away_loss": _item(away), "toward_ce": _item(toward_ce)}
+
+
 def retain_loss(parts: LMParts, batch: dict, config: UnlearnConfig, reference=None) -> tuple[torch.Tensor, dict]:
     """ℓ_r: token-mean CE, or token-mean KL(p_θ0 ‖ p_θ) with ``reference`` giving θ0's hidden states and head."""
     hidden, labels = shift(final_hidden(parts, batch), batch["labels"])

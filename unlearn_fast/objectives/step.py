@@ -14,9 +14,10 @@ from __future__ import annotations
 from torch import nn
 
 from . import regularizers as reg
+from .adversarial import attacked_forget_batch
 from .config import UnlearnConfig
 from .lm import check_batch, final_hidden, lm_parts, trainable_parameters
-from .losses import env_ce, forget_loss, irm_logit_penalty, retain_loss
+from .losses import adversarial_forget_loss, env_ce, forget_loss, irm_logit_penalty, retain_loss
 from .rmu import RMUModel, rmu_forget_loss, rmu_retain_loss
 
 
@@ -47,6 +48,9 @@ def unlearning_gradients(
         rmu = _rmu_model(model, parts, config)
         forget_bottom = rmu.bottom(forget_batch)
         forget_fn = lambda: rmu_forget_loss(rmu, forget_bottom, forget_batch, config)  # noqa: E731
+    elif config.adv_eps > 0:  # C-AdvUL: δ found once at θ; the forget loss (smoothed or not) is taken there
+        attacked = attacked_forget_batch(model, forget_batch, config)
+        forget_fn = lambda: adversarial_forget_loss(parts, attacked, config)  # noqa: E731
     else:
         forget_fn = lambda: forget_loss(parts, forget_batch, config)  # noqa: E731
 

@@ -41,22 +41,24 @@ def _rows():
     return linear_ce_rows
 
 
-def _grad_buffers(n, hidden, vocab, bias, device):
+def _grad_buffers(n, hidden, vocab, bias, device, weight_grad=True):
     # d weight is not zeroed: the first chunk's matmul writes it (beta = 0), later ones add
     d_h = torch.empty(n, hidden, dtype=torch.float32, device=device)
-    d_w = torch.empty(vocab, hidden, dtype=torch.float32, device=device)
-    d_b = torch.zeros(vocab, dtype=torch.float32, device=device) if bias is not None else None
+    d_w = torch.empty(vocab, hidden, dtype=torch.float32, device=device) if weight_grad else None
+    d_b = torch.zeros(vocab, dtype=torch.float32, device=device) if bias is not None and weight_grad else None
     return d_h, d_w, d_b
 
 
 def _accumulate(dz, hc, weight, d_h_rows, d_w, d_b, first: bool):
     mm_into(d_h_rows, dz, weight)
-    mm_into(d_w, dz.T, hc, accumulate=not first)
+    if d_w is not None:
+        mm_into(d_w, dz.T, hc, accumulate=not first)
     if d_b is not None:
         d_b += dz.sum(0, dtype=torch.float32)
 
 
-def chunked_pass(h, weight, bias, target, valid, *, lse=None, coeffs=None, chunk=None, want_ez=True):
+def chunked_pass(h, weight, bias, target, valid, *, lse=None, coeffs=None, chunk=None, want_ez=True,
+                 weight_grad=True):
     """Same contract as ``_torch_linear_ce.chunked_pass`` (fp32 results), on the row kernel."""
     rows_ = _rows().rows_
     n, hidden = h.shape
@@ -67,8 +69,8 @@ def chunked_pass(h, weight, bias, target, valid, *, lse=None, coeffs=None, chunk
     out_lse = torch.zeros(n, dtype=torch.float32, device=h.device)
     out_zy, out_ez = torch.zeros_like(out_lse), torch.zeros_like(out_lse)
     if coeffs is not None:
-        d_h, d_w, d_b = _grad_buffers(n, hidden, vocab, bias, h.device)
-    if coeffs is not None and n == 0:
+        d_h, d_w, d_b = _grad_buffers(n, hidden, vocab, bias, h.device, weight_grad)
+    if coeffs is not None and n == 0 and d_w is not None:
         d_w.zero_()
     z_buf = torch.empty(min(chunk, n), vocab, dtype=h.dtype, device=h.device)
     for start in range(0, n, chunk):

@@ -69,6 +69,7 @@ def chunked_pass(
     chunk: int | None = None,
     want_ez: bool = True,
     matmul: torch.dtype | None = None,
+    weight_grad: bool = True,
 ):
     """One pass over token chunks.
 
@@ -82,6 +83,8 @@ def chunked_pass(
     statistics are gets its gradient in this same pass (one matmul fewer than recompute).
     ``matmul``: the operands' dtype of the matmuls (default ``matmul_dtype``: bf16/fp16 stay as they are
     on CUDA, with fp32 results; fp32 on the CPU); the softmax and every accumulation are fp32 whatever it is.
+    ``weight_grad=False`` (weight and bias frozen, e.g. an input-only attack) forms d_input alone:
+    no [V, H] buffer and no weight-gradient matmul; d_weight and d_bias come back None.
     """
     n, hidden = h.shape
     vocab = weight.shape[0]
@@ -96,8 +99,8 @@ def chunked_pass(
     out_ez = torch.zeros_like(out_lse)
     if coeffs is not None:
         d_h = torch.empty(n, hidden, dtype=compute, device=h.device)
-        d_w = torch.zeros(vocab, hidden, dtype=compute, device=h.device)
-        d_b = torch.zeros(vocab, dtype=compute, device=h.device) if bias is not None else None
+        d_w = torch.zeros(vocab, hidden, dtype=compute, device=h.device) if weight_grad else None
+        d_b = torch.zeros(vocab, dtype=compute, device=h.device) if bias is not None and weight_grad else None
     # Workspace allocated once: z holds the logits, e = exp(z − shift) (in z's storage when z is
     # not needed afterwards), then d z.
     z_buf = torch.empty(min(chunk, n), vocab, dtype=compute, device=h.device)
@@ -148,7 +151,8 @@ def chunked_pass(
             d_b += dz.sum(0)
         dz = dz.to(mm)  # bf16 operand for the tensor cores on CUDA (no-op on the CPU)
         mm_into(d_h[rows], dz, w)
-        mm_into(d_w, dz.T, hc, accumulate=True)
+        if d_w is not None:
+            mm_into(d_w, dz.T, hc, accumulate=True)
     stats = (out_lse, out_zy, out_ez)
     if coeffs is None:
         return stats

@@ -157,8 +157,11 @@ class _SummedCE(torch.autograd.Function):
             lse, zy, _ = passes.chunked_pass(h, weight, bias, target, valid, chunk=chunk, want_ez=False)
             return ((lse - zy).sum() * scale).to(lse.dtype)
         ones = valid.to(torch.float64 if h.dtype == torch.float64 else torch.float32)
+        # A frozen head (an attack on the inputs) gets no weight gradient: no [V, H] buffer, one matmul fewer.
+        head_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
         (lse, zy, _), grads = passes.chunked_pass(
-            h, weight, bias, target, valid, coeffs=torch_path.Coeffs(ones, None, ones), chunk=chunk, want_ez=False
+            h, weight, bias, target, valid, coeffs=torch_path.Coeffs(ones, None, ones), chunk=chunk, want_ez=False,
+            weight_grad=head_grad,
         )
         _keep_gradients(ctx, grads, h, weight, bias)
         ctx.save_for_backward(scale)
