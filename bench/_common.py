@@ -296,7 +296,8 @@ def write_results(name: str, payload: dict, path: str | None = None, *, regenera
     payload = dict(payload)
     payload.setdefault("loadavg_at_write", loadavg())
     out.write_text(json.dumps({"benchmark": name, **payload}, indent=2) + "\n")
-    if regenerate:  # off for results written outside bench/results (smoke tests)
+    inside = out.resolve().parent == RESULTS_DIR.resolve()
+    if regenerate and inside:  # results written elsewhere (smoke tests) leave RESULTS.md alone
         regenerate_results_md()
     return out
 

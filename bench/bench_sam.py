@@ -37,6 +37,7 @@ from _common import (PeakMemory, environment, figure, print_summary, ratios_of, 
 CPU_SHAPES = dict(layers=32, hidden=384, intermediate=1024, vocab=16000, dtype="float32")
 GPU_SHAPES = dict(layers=32, hidden=4096, intermediate=11008, vocab=32000, dtype="bfloat16")
 QUICK_SHAPES = dict(layers=4, hidden=128, intermediate=352, vocab=1000, dtype="float32")
+TINY_SHAPES = dict(layers=1, hidden=16, intermediate=40, vocab=50, dtype="float32")  # CI sanity run
 VARIANTS = ["naive_loop", "foreach_strong", "uf_torch", "cpp"]
 GPU_VARIANTS = ["triton_flat"]
 RHO = 0.01
@@ -230,9 +231,10 @@ def worker(variant, shapes, repeat):
                   peak_extra_mb=mem.extra / 2**20, param_mb=total * es / 2**20, tensors=len(params), **extra)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # CI: checks the plumbing only
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved runs of the variant list (median)")
     parser.add_argument("--dtype", default=None, help="override the dtype (float32, bfloat16)")
@@ -240,11 +242,11 @@ def main():
     parser.add_argument("--json", default=None, help="results path (default bench/results/sam-<device>-<date>.json)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shapes", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.worker:
         return worker(args.worker, json.loads(args.shapes), args.repeat)
     cuda = torch.cuda.is_available()
-    shapes = dict(QUICK_SHAPES if args.quick else (GPU_SHAPES if cuda else CPU_SHAPES))
+    shapes = dict(TINY_SHAPES if args.tiny else QUICK_SHAPES if args.quick else (GPU_SHAPES if cuda else CPU_SHAPES))
     if args.dtype:
         shapes["dtype"] = args.dtype
     variants = args.variants.split(",") if args.variants else VARIANTS + (GPU_VARIANTS if cuda else [])
@@ -273,6 +275,7 @@ def main():
     name = "sam" + ("-quick" if args.quick else "") + (f"-{args.dtype}" if args.dtype else "")
     out = write_results(name, payload, args.json)
     print_summary(out, ratios, targets)
+    return out
 
 
 def summarise(results, cuda):
@@ -283,16 +286,18 @@ def summarise(results, cuda):
     pairs = {
         "strong_over_ours_sam_time": ("foreach_strong", ours, "sam_s"),
         "strong_over_ours_step_time": ("foreach_strong", "cpp", "sam_step_s"),
-        "strong_foreach_adamw_over_ours_step_time": ("foreach_strong", "cpp", "sam_step_foreach_adamw_s"),
         "uf_torch_over_ours_sam_time": ("uf_torch", ours, "sam_s"),
         "naive_over_ours_sam_time": ("naive_loop", ours, "sam_s"),
         "ours_over_strong_peak_memory": (ours, "foreach_strong", "peak_extra_mb"),
     }
     ratios = ratios_of(results, pairs)
-    if "strong_foreach_adamw_over_ours_step_time" in ratios:  # the strong step is the faster of its two optimizers
-        t = min(x for x in (fig("foreach_strong", "sam_step_s"), fig("foreach_strong", "sam_step_foreach_adamw_s"))
-                if x is not None)
-        ratios["strong_best_adamw_over_ours_step_time"] = t / fig("cpp", "sam_step_s")
+    strong_steps = [x for x in (fig("foreach_strong", "sam_step_s"), fig("foreach_strong", "sam_step_foreach_adamw_s"))
+                    if x is not None]
+    if strong_steps and fig("cpp", "sam_step_s"):  # the strong step takes the faster of its two optimizers
+        if fig("foreach_strong", "sam_step_foreach_adamw_s") is not None:
+            ratios["strong_foreach_adamw_over_ours_step_time"] = (fig("foreach_strong", "sam_step_foreach_adamw_s")
+                                                                  / fig("cpp", "sam_step_s"))
+        ratios["strong_best_adamw_over_ours_step_time"] = min(strong_steps) / fig("cpp", "sam_step_s")
     if fig(ours, "peak_extra_mb") is not None and fig(ours, "param_mb"):
         ratios["ours_peak_over_param_size"] = fig(ours, "peak_extra_mb") / fig(ours, "param_mb")
     if fig(ours, "fraction_of_copy_bw") is not None:
