@@ -94,11 +94,16 @@ def naive_restore(params, e_ws):
         p.sub_(e)
 
 
-def timed(fn, device):
+CPU_TIMES: dict[str, list[float]] = {}  # process CPU time of each timed call, by label (CPU runs)
+
+
+def timed(fn, device, label=None):
     sync(device)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     out = fn()
     sync(device)
+    if label is not None:
+        CPU_TIMES.setdefault(label, []).append(time.process_time() - c)
     return time.perf_counter() - t, out
 
 
@@ -182,11 +187,11 @@ def worker(variant, shapes, repeat):
     dst = torch.empty_like(src)
     dst.copy_(src)
     for _ in range(repeat):  # the copy that sets the bandwidth is timed between the ops, under the same load
-        norm_t.append(timed(norm_fn, device)[0])
-        t, st = timed(perturb_fn, device)
+        norm_t.append(timed(norm_fn, device, "norm")[0])
+        t, st = timed(perturb_fn, device, "perturb")
         perturb_t.append(t)
-        restore_t.append(timed(lambda: restore_fn(st), device)[0])
-        copy_t.append(timed(lambda: dst.copy_(src), device)[0])
+        restore_t.append(timed(lambda: restore_fn(st), device, "restore")[0])
+        copy_t.append(timed(lambda: dst.copy_(src), device, "copy")[0])
     del src, dst
 
     # one SAM step's bookkeeping: norm + perturb + restore + AdamW
@@ -226,6 +231,14 @@ def worker(variant, shapes, repeat):
     sam_s = norm_s + perturb_s + restore_s
     copy_gbs = 2 * total * es / statistics.median(copy_t) / 1e9
     achieved = sum(moved.values()) / (perturb_s + restore_s + norm_s) / 1e9
+    if device.type == "cpu":
+        # process CPU time (all threads): on a shared machine what the op costs whatever else runs;
+        # with one thread it equals the wall time of a quiet machine
+        cpu = {k: statistics.median(v) for k, v in CPU_TIMES.items()}
+        threads = torch.get_num_threads()
+        extra["sam_cpu_s"] = (cpu["norm"] + cpu["perturb"] + cpu["restore"]) / threads
+        extra["copy_gb_per_s_cpu"] = 2 * total * es / (cpu["copy"] / threads) / 1e9
+        extra["fraction_of_copy_bw_cpu"] = sum(moved.values()) / extra["sam_cpu_s"] / 1e9 / extra["copy_gb_per_s_cpu"]
     worker_report(norm_s=norm_s, perturb_s=perturb_s, restore_s=restore_s, sam_s=sam_s, **steps,
                   gb_per_s=achieved, copy_gb_per_s=copy_gbs, fraction_of_copy_bw=achieved / copy_gbs,
                   peak_extra_mb=mem.extra / 2**20, param_mb=total * es / 2**20, tensors=len(params), **extra)
@@ -261,7 +274,8 @@ def main(argv=None):
 
     threads = os.environ.get("OMP_NUM_THREADS")
     command = (f"OMP_NUM_THREADS={threads} " if threads else "") + "python bench/bench_sam.py" + (" --quick" if args.quick else "") + (
-        f" --dtype {args.dtype}" if args.dtype else "") + (f" --rounds {args.rounds}" if args.rounds != 3 else "")
+        f" --dtype {args.dtype}" if args.dtype else "") + (f" --rounds {args.rounds}" if args.rounds != 3 else "") + (
+        f" --variants {args.variants}" if args.variants else "") + (f" --repeat {args.repeat}" if args.repeat != 7 else "")
     payload = {
         "environment": environment(device),
         "command": command,
@@ -291,6 +305,10 @@ def summarise(results, cuda):
         "ours_over_strong_peak_memory": (ours, "foreach_strong", "peak_extra_mb"),
     }
     ratios = ratios_of(results, pairs)
+    ratios |= {f"{k}_cpu": v for k, v in ratios_of(results, {
+        "strong_over_ours_sam_time": ("foreach_strong", ours, "sam_cpu_s")}).items()}
+    if fig(ours, "fraction_of_copy_bw_cpu") is not None:
+        ratios["ours_fraction_of_copy_bw_cpu"] = fig(ours, "fraction_of_copy_bw_cpu")
     strong_steps = [x for x in (fig("foreach_strong", "sam_step_s"), fig("foreach_strong", "sam_step_foreach_adamw_s"))
                     if x is not None]
     if strong_steps and fig("cpp", "sam_step_s"):  # the strong step takes the faster of its two optimizers
