@@ -360,7 +360,8 @@ def main(argv=None):
     print(f"end-to-end unlearning steps on {device}, shape {size}: {shape}")
     worker_args = ["--shape", json.dumps(shape), "--steps", str(steps), "--warmup", str(warmup),
                    "--device", device.type, "--threads", str(threads)]
-    results = run_variants(__file__, variants, worker_args, timeout=3600)
+    loads = {}
+    results = run_variants(__file__, variants, worker_args, timeout=3600, loads=loads)
     ratios, targets = summarise(results)
     env = environment(device)
     command = "python bench/e2e.py " + (f"--model-size {size}" if size not in ("quick",) else "--quick")
@@ -374,6 +375,7 @@ def main(argv=None):
         "shapes": {**shape, "steps": steps, "warmup": warmup},
         "hyperparameters": HPARAMS | {"rmu_layer": shape["rmu_layer"]},
         "variants": results,
+        "loadavg": loads,
         "ratios": ratios,
         "targets": targets,
         "first_loss_rel_diff": loss_agreement(results),
