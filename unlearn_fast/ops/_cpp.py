@@ -6,7 +6,9 @@ rebuilds) and loaded from there afterwards. The build runs on the machine that u
 kernels are compiled for its vector unit: ``host_capability()`` reads the CPU's flags and picks
 AVX-512 or AVX2 (the -m flags and the CPU_CAPABILITY macro that at::vec::Vectorized keys on, as
 torch's own kernels), else the portable build; UNLEARN_FAST_CPU_CAPABILITY=default|avx2|avx512
-overrides it. A vector build that fails falls back to the portable one. The CUDA source is added only when torch has CUDA and a CUDA compiler is found. The
+overrides it. A vector build that fails falls back to the portable one. The CPU kernels write
+buffers that are only written (the SAM backup, the restored weights) with non-temporal stores
+when a list holds at least UNLEARN_FAST_STREAM_BYTES bytes (default 16 MiB, read once per process). The CUDA source is added only when torch has CUDA and a CUDA compiler is found. The
 sources ship inside the package as ``unlearn_fast.csrc`` (package data mapped from the top-level
 csrc/ directory, like ``unlearn_fast.kernels`` from kernels/), so editable and wheel installs find them.
 
