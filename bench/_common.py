@@ -27,9 +27,56 @@ REPO = BENCH_DIR.parent
 
 
 def device_name(device: torch.device) -> str:
+    """Names the machine in results files: the GPU model, or cpu<count>-<vendor>-<vector level>."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device).replace(" ", "-")
-    return f"cpu{os.cpu_count()}"
+    model = cpu_info()["cpu_model"].lower()
+    vendor = next((v for v in ("intel", "amd", "arm", "apple") if v in model), platform.machine().lower())
+    return f"cpu{os.cpu_count()}-{vendor}-{torch.backends.cpu.get_cpu_capability().lower()}"
+
+
+_VECTOR_FLAG_PREFIXES = ("sse4", "avx", "fma", "f16c", "amx", "neon", "asimd", "sve")
+
+
+def cpu_info() -> dict:
+    """The CPU model and its vector extensions (from /proc/cpuinfo), as results files record them."""
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model in ("", platform.machine(), platform.processor()):
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = value.split()
+    except OSError:
+        pass
+    vector = sorted(f for f in set(flags) if f.startswith(_VECTOR_FLAG_PREFIXES))
+    return {"cpu_model": model, "cpu_vector_extensions": vector, "cpu_count": os.cpu_count()}
+
+
+def torch_build_info() -> dict:
+    """What torch computes with on the CPU: its vector dispatch level and BLAS / oneDNN."""
+    info = {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "mkl": torch.backends.mkl.is_available(), "mkldnn": torch.backends.mkldnn.is_available()}
+    for line in torch.__config__.show().splitlines():
+        line = line.strip()
+        if line.startswith("- Build settings:"):
+            for item in line.split(":", 1)[1].split(","):
+                k, _, v = item.strip().partition("=")
+                if k in ("BLAS_INFO", "LAPACK_INFO"):
+                    info[k.lower()] = v
+    return info
+
+
+def loadavg() -> list[float]:
+    """The 1, 5 and 15 minute load averages (empty where /proc/loadavg is missing)."""
+    try:
+        with open("/proc/loadavg") as f:
+            return [float(x) for x in f.read().split()[:3]]
+    except OSError:
+        return []
 
 
 def environment(device: torch.device) -> dict:
@@ -39,10 +86,13 @@ def environment(device: torch.device) -> dict:
             versions[mod] = __import__(mod).__version__
         except ImportError:
             pass
+    cpu = cpu_info()
     return {
         "device": device_name(device),
         "device_type": device.type,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu["cpu_model"],
+        **cpu,
+        **torch_build_info(),
         "threads": torch.get_num_threads(),
         "versions": versions,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -151,21 +201,53 @@ def _reset_hwm() -> bool:
         return False
 
 
-def run_variants(script: str, variants: list[str], args: list[str], *, timeout: float = 1800) -> dict:
-    """Run ``python script --worker VARIANT args...`` for each variant; each prints one JSON line last."""
+def run_variants(script: str, variants: list[str], args: list[str], *, timeout: float = 1800, rounds: int = 1,
+                 loads: dict | None = None) -> dict:
+    """Run ``python script --worker VARIANT args...`` for each variant; each prints one JSON line last.
+
+    With ``rounds`` > 1 the whole list is run that many times, interleaved (v1 v2 v3 v1 v2 v3 ...), so
+    that a load spike on a shared machine hits every variant alike; each figure is the median over
+    the rounds. ``loads`` (a dict) receives each variant's /proc/loadavg before and after its runs.
+    """
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    errors: dict[str, dict] = {}
+    for r in range(rounds):
+        for variant in variants:
+            if variant in errors:
+                continue
+            tag = f" (round {r + 1}/{rounds})" if rounds > 1 else ""
+            print(f"  {variant}{tag} ...", end=" ", flush=True)
+            before = loadavg()
+            cmd = [sys.executable, script, "--worker", variant, *args]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+            if loads is not None:
+                loads.setdefault(variant, []).append({"before": before, "after": loadavg()})
+            if proc.returncode != 0:
+                print("FAILED")
+                sys.stderr.write(proc.stderr[-4000:])
+                errors[variant] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+                continue
+            fig = json.loads(proc.stdout.strip().splitlines()[-1])
+            runs[variant].append(fig)
+            print(", ".join(f"{k}={_fmt(v)}" for k, v in fig.items()), flush=True)
     results = {}
     for variant in variants:
-        print(f"  {variant} ...", end=" ", flush=True)
-        cmd = [sys.executable, script, "--worker", variant, *args]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-        if proc.returncode != 0:
-            print("FAILED")
-            sys.stderr.write(proc.stderr[-4000:])
-            results[variant] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
-            continue
-        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(", ".join(f"{k}={_fmt(v)}" for k, v in results[variant].items()), flush=True)
+        results[variant] = errors[variant] if variant in errors else _median_figures(runs[variant])
     return results
+
+
+def _median_figures(figs: list[dict]) -> dict:
+    """One variant's figures over its rounds: the median of each number, the first value of anything else."""
+    if len(figs) == 1:
+        return figs[0]
+    out = {}
+    for key, first in figs[0].items():
+        values = [f.get(key) for f in figs]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        out[key] = statistics.median(values) if numeric else first
+    if figs:
+        out["rounds"] = len(figs)
+    return out
 
 
 def figure(results: dict, variant: str, key: str):
@@ -209,8 +291,11 @@ def write_results(name: str, payload: dict, path: str | None = None, *, regenera
     day = _dt.date.today().isoformat()
     out = Path(path) if path else RESULTS_DIR / f"{name}-{env.get('device', 'unknown')}-{day}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    payload = dict(payload)
+    payload.setdefault("loadavg_at_write", loadavg())
     out.write_text(json.dumps({"benchmark": name, **payload}, indent=2) + "\n")
-    if regenerate:  # off for results written outside bench/results (smoke tests)
+    inside = out.resolve().parent == RESULTS_DIR.resolve()
+    if regenerate and inside:  # results written elsewhere (smoke tests) leave RESULTS.md alone
         regenerate_results_md()
     return out
 
@@ -231,6 +316,15 @@ def regenerate_results_md() -> Path:
         lines += [f"## {run.get('benchmark', f.stem)} — {env.get('device', '?')} — {env.get('date', '?')}", ""]
         versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items())
         lines += [f"File `{f.relative_to(REPO)}`; {versions}; threads {env.get('threads', '?')}.", ""]
+        if env.get("cpu_model"):
+            blas = env.get("blas_info") or ("mkl" if env.get("mkl") else "?")
+            lines += [f"Machine: {env['cpu_model']}, {env.get('cpu_count', '?')} CPUs; vector extensions "
+                      f"{' '.join(env.get('cpu_vector_extensions', [])) or '?'}; torch CPU capability "
+                      f"{env.get('torch_cpu_capability', '?')}, BLAS {blas}.", ""]
+        if run.get("loadavg"):
+            lines += ["Load average (1 min) before/after each variant: " + ", ".join(
+                f"{v} " + " ".join(f"{x['before'][0]:.1f}/{x['after'][0]:.1f}" for x in runs if x['before'] and x['after'])
+                for v, runs in run["loadavg"].items()), ""]
         if run.get("command"):
             lines += [f"Command: `{run['command']}`", ""]
         if run.get("note"):

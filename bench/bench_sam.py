@@ -1,21 +1,23 @@
 """SAM bookkeeping (global norm, perturb, exact restore, AdamW) on a Llama-shaped list of tensors.
 
-Variants (each in its own process, so its peak memory is its own):
-  naive_loop     the public SAM code's approach: per-parameter Python loop, per-tensor norms stacked,
-                 e_w = scale·g kept per parameter, restore by subtraction (not exact in bf16)
-  foreach        uf.ops with backend="torch" (torch._foreach_*), preallocated backup
-  cpp            uf.ops with backend="cpp" (csrc/ multi-tensor ops), preallocated backup
-  triton_flat    (GPU) flattened parameters, backend="triton"
-Each variant also times one SAM step's bookkeeping (norm, perturb, restore, AdamW update):
-naive/foreach with torch.optim.AdamW(foreach=True) after a separate restore, cpp with
-uf.optim.FusedAdamW(step(sam_state=...)) doing the restore inside the update.
+Variants (each in its own process, so its peak memory is its own; the list is run --rounds times,
+interleaved, and each figure is the median over the rounds):
+  naive_loop      the public SAM code's approach: per-parameter Python loop, per-tensor norms stacked,
+                  e_w = scale·g kept per parameter, restore by subtraction (not exact in bf16)
+  foreach_strong  THE STRONG BASELINE: what a practitioner writes with torch alone, done well —
+                  native-dtype torch._foreach_norm, _foreach_copy_ into a PREALLOCATED backup,
+                  _foreach_add_(alpha=ρ/‖g‖), _foreach_copy_ back; the step with
+                  torch.optim.AdamW(fused=True) (sam_step_s) and AdamW(foreach=True) (sam_step_foreach_adamw_s)
+  uf_torch        uf.ops with backend="torch" (the project's own foreach fallback: fp32 temporaries)
+  cpp             OURS: uf.ops with backend="cpp" (csrc/ multi-tensor ops), preallocated backup; the step
+                  with uf.optim.FusedAdamW(step(sam_state=...)) doing the restore inside the update
+  triton_flat     (GPU) flattened parameters, backend="triton"
 Achieved GB/s counts the bytes each op must move (norm: read g; perturb: read θ, g, write θ, backup;
-restore: read backup, write θ); the machine's copy bandwidth is measured in the same process.
+restore: read backup, write θ); the machine's copy bandwidth (dst.copy_(src), 2 bytes moved per
+byte copied) is measured in the same process.
 
     python bench/bench_sam.py            # CPU: 32 layers, hidden 384, ~69M params fp32; GPU: 7B shapes bf16
     python bench/bench_sam.py --quick    # small shapes, a smoke run
-    OMP_NUM_THREADS=1 python bench/bench_sam.py --json bench/results/sam-cpu2-1thread-DATE.json
-                                         # one thread: less sensitive to a shared, oversubscribed machine
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ from _common import (PeakMemory, environment, figure, print_summary, ratios_of, 
 CPU_SHAPES = dict(layers=32, hidden=384, intermediate=1024, vocab=16000, dtype="float32")
 GPU_SHAPES = dict(layers=32, hidden=4096, intermediate=11008, vocab=32000, dtype="bfloat16")
 QUICK_SHAPES = dict(layers=4, hidden=128, intermediate=352, vocab=1000, dtype="float32")
-VARIANTS = ["naive_loop", "foreach", "cpp"]
+TINY_SHAPES = dict(layers=1, hidden=16, intermediate=40, vocab=50, dtype="float32")  # CI sanity run
+VARIANTS = ["naive_loop", "foreach_strong", "uf_torch", "cpp"]
 GPU_VARIANTS = ["triton_flat"]
 RHO = 0.01
 
@@ -91,19 +94,35 @@ def naive_restore(params, e_ws):
         p.sub_(e)
 
 
-def timed(fn, device):
+CPU_TIMES: dict[str, list[float]] = {}  # process CPU time of each timed call, by label (CPU runs)
+
+
+def timed(fn, device, label=None):
     sync(device)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     out = fn()
     sync(device)
+    if label is not None:
+        CPU_TIMES.setdefault(label, []).append(time.process_time() - c)
     return time.perf_counter() - t, out
 
 
-def copy_bandwidth(numel, dtype, device, repeat):
-    src = torch.empty(numel, dtype=dtype, device=device).fill_(1)
-    dst = torch.empty_like(src)
-    times = [timed(lambda: dst.copy_(src), device)[0] for _ in range(repeat + 1)][1:]
-    return 2 * numel * src.element_size() / statistics.median(times) / 1e9
+def strong_baseline(params, grads, backup):
+    """The practitioner's well-written torch SAM bookkeeping: native dtype, preallocated backup, no clones."""
+
+    def norm():
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2)), 2)
+
+    def perturb():
+        scale = RHO / norm().clamp_min(1e-12)
+        torch._foreach_copy_(backup, params)
+        torch._foreach_add_(params, grads, alpha=float(scale))  # one host read of the scale: free on a CPU
+        return backup
+
+    def restore(_):
+        torch._foreach_copy_(params, backup)
+
+    return norm, perturb, restore
 
 
 def worker(variant, shapes, repeat):
@@ -114,30 +133,42 @@ def worker(variant, shapes, repeat):
         pass
     params, grads, total = make_tensors(shapes, device, flat=variant == "triton_flat")
     es = params[0].element_size()
-    backend = {"foreach": "torch", "cpp": "cpp", "triton_flat": "triton"}.get(variant)
+    backend = {"uf_torch": "torch", "cpp": "cpp", "triton_flat": "triton"}.get(variant)
+    extra = {}
     if variant == "cpp":
+        from unlearn_fast.ops import _cpp
+
         uf.ops.global_grad_norm(grads[:1], backend="cpp")  # build / load the extension outside the timings
+        extra["cpu_kernels"] = _cpp.capability() if device.type == "cpu" else "cuda"
+        extra["auto_backend"] = uf.ops.multi_tensor.resolve_backend("auto", params, grads)
 
     if variant == "naive_loop":
         norm_fn = lambda: naive_norm(grads)  # noqa: E731
         perturb_fn = lambda: naive_perturb(params, grads)  # noqa: E731
         restore_fn = lambda st: naive_restore(params, st)  # noqa: E731
+        fresh_perturb = perturb_fn
+    elif variant == "foreach_strong":
+        backup = [torch.empty_like(p) for p in params]
+        norm_fn, perturb_fn, restore_fn = strong_baseline(params, grads, backup)
+
+        def fresh_perturb():  # what one step allocates if the backup is not kept across steps
+            return strong_baseline(params, grads, [torch.empty_like(p) for p in params])[1]()
     else:
-        backup = [torch.empty_like(p) for p in params] if variant != "triton_flat" else None
-        if backup is None:
+        if variant == "triton_flat":
             from unlearn_fast.flatten import flat_like
 
             backup = flat_like(params)
+        else:
+            backup = [torch.empty_like(p) for p in params]
         norm_fn = lambda: uf.ops.global_grad_norm(grads, backend=backend)  # noqa: E731
         perturb_fn = lambda: uf.ops.sam_perturb_(params, grads, RHO, backend=backend, backup=backup)  # noqa: E731
         restore_fn = uf.ops.sam_restore_
+        fresh_perturb = lambda: uf.ops.sam_perturb_(params, grads, RHO, backend=backend)  # noqa: E731
 
     # peak extra memory of one norm + perturb + restore, allocating what the method allocates
-    # (our variants: a fresh backup, as sam_perturb_ does by default)
-    if variant == "naive_loop":
-        fresh_perturb = perturb_fn
-    else:
-        fresh_perturb = lambda: uf.ops.sam_perturb_(params, grads, RHO, backend=backend)  # noqa: E731
+    # (a fresh backup, as sam_perturb_ does by default; the strong baseline likewise)
+    if variant == "foreach_strong":
+        del backup  # measured with a fresh one below, then re-made for the timings
     st = fresh_perturb()
     restore_fn(st)
     del st
@@ -146,84 +177,119 @@ def worker(variant, shapes, repeat):
         st = fresh_perturb()
         restore_fn(st)
         del st
+    if variant == "foreach_strong":
+        backup = [torch.empty_like(p) for p in params]
+        norm_fn, perturb_fn, restore_fn = strong_baseline(params, grads, backup)
 
-    norm_t, perturb_t, restore_t = [], [], []
+    norm_t, perturb_t, restore_t, copy_t = [], [], [], []
     restore_fn(perturb_fn())  # warm-up
-    for _ in range(repeat):
-        norm_t.append(timed(norm_fn, device)[0])
-        t, st = timed(perturb_fn, device)
+    src = torch.empty(total, dtype=params[0].dtype, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    for _ in range(repeat):  # the copy that sets the bandwidth is timed between the ops, under the same load
+        norm_t.append(timed(norm_fn, device, "norm")[0])
+        t, st = timed(perturb_fn, device, "perturb")
         perturb_t.append(t)
-        restore_t.append(timed(lambda: restore_fn(st), device)[0])
+        restore_t.append(timed(lambda: restore_fn(st), device, "restore")[0])
+        copy_t.append(timed(lambda: dst.copy_(src), device, "copy")[0])
+    del src, dst
 
     # one SAM step's bookkeeping: norm + perturb + restore + AdamW
     opt_params = [torch.nn.Parameter(p) if not isinstance(p, torch.nn.Parameter) else p for p in params]
     for p, g in zip(opt_params, grads):
         p.grad = g
+
+    def step_time(opt, sam_step):
+        sam_step()  # allocates the optimizer state
+        times = [timed(sam_step, device)[0] for _ in range(repeat)]
+        opt.state.clear()  # free the moments before the next optimizer
+        return statistics.median(times)
+
+    steps = {}
     if variant == "cpp":
         opt = uf.optim.FusedAdamW(opt_params, lr=1e-5, weight_decay=0.0, backend="cpp")
 
         def sam_step():
             state = uf.ops.sam_perturb_(opt_params, grads, RHO, backend="cpp", backup=backup)
             opt.step(sam_state=state)
+        steps["sam_step_s"] = step_time(opt, sam_step)
     else:
-        opt = torch.optim.AdamW(opt_params, lr=1e-5, weight_decay=0.0, foreach=True)
+        kinds = {"sam_step_s": dict(fused=True), "sam_step_foreach_adamw_s": dict(foreach=True)}
+        if variant != "foreach_strong":
+            kinds = {"sam_step_s": dict(foreach=True)}
+        for key, kind in kinds.items():
+            opt = torch.optim.AdamW(opt_params, lr=1e-5, weight_decay=0.0, **kind)
 
-        def sam_step():
-            st = perturb_fn()
-            restore_fn(st)
-            opt.step()
-    sam_step()  # allocates the optimizer state
-    step_t = [timed(sam_step, device)[0] for _ in range(repeat)]
+            def sam_step():
+                st = perturb_fn()
+                restore_fn(st)
+                opt.step()
+            steps[key] = step_time(opt, sam_step)
 
     norm_s, perturb_s, restore_s = (statistics.median(x) for x in (norm_t, perturb_t, restore_t))
     moved = {"norm": 1 * total * es, "perturb": 4 * total * es, "restore": 2 * total * es}
     sam_s = norm_s + perturb_s + restore_s
-    copy_gbs = copy_bandwidth(total, params[0].dtype, device, repeat)
+    copy_gbs = 2 * total * es / statistics.median(copy_t) / 1e9
     achieved = sum(moved.values()) / (perturb_s + restore_s + norm_s) / 1e9
-    worker_report(norm_s=norm_s, perturb_s=perturb_s, restore_s=restore_s, sam_s=sam_s,
-                  sam_step_with_adamw_s=statistics.median(step_t), gb_per_s=achieved, copy_gb_per_s=copy_gbs,
-                  fraction_of_copy_bw=achieved / copy_gbs, peak_extra_mb=mem.extra / 2**20,
-                  param_mb=total * es / 2**20, tensors=len(params))
+    if device.type == "cpu":
+        # process CPU time (all threads): on a shared machine what the op costs whatever else runs;
+        # with one thread it equals the wall time of a quiet machine
+        cpu = {k: statistics.median(v) for k, v in CPU_TIMES.items()}
+        threads = torch.get_num_threads()
+        extra["sam_cpu_s"] = (cpu["norm"] + cpu["perturb"] + cpu["restore"]) / threads
+        extra["copy_gb_per_s_cpu"] = 2 * total * es / (cpu["copy"] / threads) / 1e9
+        extra["fraction_of_copy_bw_cpu"] = sum(moved.values()) / extra["sam_cpu_s"] / 1e9 / extra["copy_gb_per_s_cpu"]
+    worker_report(norm_s=norm_s, perturb_s=perturb_s, restore_s=restore_s, sam_s=sam_s, **steps,
+                  gb_per_s=achieved, copy_gb_per_s=copy_gbs, fraction_of_copy_bw=achieved / copy_gbs,
+                  peak_extra_mb=mem.extra / 2**20, param_mb=total * es / 2**20, tensors=len(params), **extra)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # CI: checks the plumbing only
     parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved runs of the variant list (median)")
     parser.add_argument("--dtype", default=None, help="override the dtype (float32, bfloat16)")
     parser.add_argument("--variants", default=None, help="comma-separated subset")
     parser.add_argument("--json", default=None, help="results path (default bench/results/sam-<device>-<date>.json)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shapes", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.worker:
         return worker(args.worker, json.loads(args.shapes), args.repeat)
     cuda = torch.cuda.is_available()
-    shapes = dict(QUICK_SHAPES if args.quick else (GPU_SHAPES if cuda else CPU_SHAPES))
+    shapes = dict(TINY_SHAPES if args.tiny else QUICK_SHAPES if args.quick else (GPU_SHAPES if cuda else CPU_SHAPES))
     if args.dtype:
         shapes["dtype"] = args.dtype
     variants = args.variants.split(",") if args.variants else VARIANTS + (GPU_VARIANTS if cuda else [])
     device = torch.device("cuda" if cuda else "cpu")
     total = sum(torch.Size(s).numel() for s in llama_shapes(shapes))
     print(f"SAM benchmark on {device}: {shapes}, {len(llama_shapes(shapes))} tensors, {total / 1e6:.1f}M params")
-    results = run_variants(__file__, variants, ["--shapes", json.dumps(shapes), "--repeat", str(args.repeat)])
+    loads = {}
+    results = run_variants(__file__, variants, ["--shapes", json.dumps(shapes), "--repeat", str(args.repeat)],
+                           rounds=args.rounds, loads=loads)
     ratios, targets = summarise(results, cuda)
     import os
 
     threads = os.environ.get("OMP_NUM_THREADS")
     command = (f"OMP_NUM_THREADS={threads} " if threads else "") + "python bench/bench_sam.py" + (" --quick" if args.quick else "") + (
-        f" --dtype {args.dtype}" if args.dtype else "")
+        f" --dtype {args.dtype}" if args.dtype else "") + (f" --rounds {args.rounds}" if args.rounds != 3 else "") + (
+        f" --variants {args.variants}" if args.variants else "") + (f" --repeat {args.repeat}" if args.repeat != 7 else "")
     payload = {
         "environment": environment(device),
         "command": command,
         "shapes": {**shapes, "tensors": len(llama_shapes(shapes)), "params_M": round(total / 1e6, 2)},
+        "baseline": "foreach_strong",
         "variants": results,
+        "loadavg": loads,
         "ratios": ratios,
         "targets": targets,
     }
     name = "sam" + ("-quick" if args.quick else "") + (f"-{args.dtype}" if args.dtype else "")
     out = write_results(name, payload, args.json)
     print_summary(out, ratios, targets)
+    return out
 
 
 def summarise(results, cuda):
@@ -232,25 +298,41 @@ def summarise(results, cuda):
 
     ours = "triton_flat" if cuda and "error" not in results.get("triton_flat", {"error": 1}) else "cpp"
     pairs = {
-        "foreach_over_ours_sam_time": ("foreach", ours, "sam_s"),
+        "strong_over_ours_sam_time": ("foreach_strong", ours, "sam_s"),
+        "strong_over_ours_step_time": ("foreach_strong", "cpp", "sam_step_s"),
+        "uf_torch_over_ours_sam_time": ("uf_torch", ours, "sam_s"),
         "naive_over_ours_sam_time": ("naive_loop", ours, "sam_s"),
-        "foreach_over_ours_step_with_adamw_time": ("foreach", "cpp", "sam_step_with_adamw_s"),
-        "ours_over_foreach_peak_memory": (ours, "foreach", "peak_extra_mb"),
+        "ours_over_strong_peak_memory": (ours, "foreach_strong", "peak_extra_mb"),
     }
     ratios = ratios_of(results, pairs)
+    ratios |= {f"{k}_cpu": v for k, v in ratios_of(results, {
+        "strong_over_ours_sam_time": ("foreach_strong", ours, "sam_cpu_s")}).items()}
+    if fig(ours, "fraction_of_copy_bw_cpu") is not None:
+        ratios["ours_fraction_of_copy_bw_cpu"] = fig(ours, "fraction_of_copy_bw_cpu")
+    strong_steps = [x for x in (fig("foreach_strong", "sam_step_s"), fig("foreach_strong", "sam_step_foreach_adamw_s"))
+                    if x is not None]
+    if strong_steps and fig("cpp", "sam_step_s"):  # the strong step takes the faster of its two optimizers
+        if fig("foreach_strong", "sam_step_foreach_adamw_s") is not None:
+            ratios["strong_foreach_adamw_over_ours_step_time"] = (fig("foreach_strong", "sam_step_foreach_adamw_s")
+                                                                  / fig("cpp", "sam_step_s"))
+        ratios["strong_best_adamw_over_ours_step_time"] = min(strong_steps) / fig("cpp", "sam_step_s")
     if fig(ours, "peak_extra_mb") is not None and fig(ours, "param_mb"):
         ratios["ours_peak_over_param_size"] = fig(ours, "peak_extra_mb") / fig(ours, "param_mb")
     if fig(ours, "fraction_of_copy_bw") is not None:
         ratios["ours_fraction_of_copy_bw"] = fig(ours, "fraction_of_copy_bw")
+    if fig("foreach_strong", "fraction_of_copy_bw") is not None:
+        ratios["strong_fraction_of_copy_bw"] = fig("foreach_strong", "fraction_of_copy_bw")
     targets = {}
     if cuda:
         if "ours_fraction_of_copy_bw" in ratios:
             targets["ours_fraction_of_copy_bw >= 0.8"] = ratios["ours_fraction_of_copy_bw"] >= 0.8
-        if "foreach_over_ours_step_with_adamw_time" in ratios:
-            targets["foreach_over_ours_step_with_adamw_time >= 1.3"] = ratios["foreach_over_ours_step_with_adamw_time"] >= 1.3
     else:
-        if "foreach_over_ours_sam_time" in ratios:
-            targets["foreach_over_ours_sam_time >= 1.1"] = ratios["foreach_over_ours_sam_time"] >= 1.1
+        if "strong_over_ours_sam_time" in ratios:
+            targets["strong_over_ours_sam_time >= 1.2"] = ratios["strong_over_ours_sam_time"] >= 1.2
+        if "ours_fraction_of_copy_bw" in ratios:
+            targets["ours_fraction_of_copy_bw >= 0.85"] = ratios["ours_fraction_of_copy_bw"] >= 0.85
+        if "strong_best_adamw_over_ours_step_time" in ratios:
+            targets["strong_best_adamw_over_ours_step_time >= 1.0"] = ratios["strong_best_adamw_over_ours_step_time"] >= 1.0
     if "ours_peak_over_param_size" in ratios:
         targets["ours_peak_over_param_size <= 1.05"] = ratios["ours_peak_over_param_size"] <= 1.05
     return ratios, targets

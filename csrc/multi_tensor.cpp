@@ -5,22 +5,62 @@
 // pieces of at most kPiece elements and at::parallel_for walks the pieces, so a list of 300
 // tensors is one parallel loop, not 300 dispatches. Arithmetic is in the "opmath" type (fp32 for
 // fp16/bf16/fp32 storage, fp64 for fp64) with one rounding to the storage type at the end.
+//
+// The loops use at::vec::Vectorized at the width the extension is built for (ops/_cpp.py passes
+// the host's AVX2 / AVX-512 flags and the matching CPU_CAPABILITY, the same vector code torch's
+// own kernels run on this machine) and restrict pointers. These ops are pure memory traffic, so
+// two more things matter: perturb reads θ and g once and writes θ and the backup in the same pass;
+// and a buffer that is only written (the SAM backup, θ in the restore, θ in the update that starts
+// from the backup) is written with non-temporal stores when the list is larger than the caches,
+// which saves the read-for-ownership a normal store costs. The operations and their order are
+// those of the foreach path (ops/multi_tensor.py), built with -ffp-contract=off, so the roundings
+// are the same.
 // This file holds the schemas (TORCH_LIBRARY) and the CPU kernels; multi_tensor_cuda.cu holds the
 // CUDA kernels of the same ops.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
 #include <cmath>
+#include <cstdlib>
+#include <cstdint>
 #include <cstring>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
-constexpr int64_t kPiece = 1 << 15;  // elements per unit of parallel work
-constexpr int kLanes = 16;           // independent accumulators: lets the compiler vectorise the reduction
+using at::vec::Vectorized;
+
+constexpr int64_t kPiece = 1 << 16;  // elements per unit of parallel work
+// Lists smaller than this stay in the caches between ops: normal stores are better there.
+int64_t stream_bytes() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("UNLEARN_FAST_STREAM_BYTES");
+    return e ? std::atoll(e) : (int64_t(16) << 20);
+  }();
+  return v;
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kVecBytes = 64;
+const char* kCapability = "avx512";
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int64_t kVecBytes = 32;
+const char* kCapability = "avx2";
+#else
+constexpr int64_t kVecBytes = 32;
+const char* kCapability = "default";
+#endif
 
 struct Piece {
   int64_t tensor, begin, end;
@@ -31,6 +71,12 @@ std::vector<Piece> pieces_of(at::TensorList ts) {
   for (int64_t i = 0; i < static_cast<int64_t>(ts.size()); ++i)
     for (int64_t b = 0; b < ts[i].numel(); b += kPiece) out.push_back({i, b, std::min(b + kPiece, ts[i].numel())});
   return out;
+}
+
+int64_t bytes_of(at::TensorList ts) {
+  int64_t n = 0;
+  for (const auto& t : ts) n += t.numel() * t.element_size();
+  return n;
 }
 
 // Same length, same shape, same dtype as `like`, contiguous, on the CPU.
@@ -45,20 +91,113 @@ void check_matching(const char* name, at::TensorList ts, at::TensorList like, bo
   }
 }
 
+// -- vector helpers: one block of Vectorized<T>::size() elements, as opmath vectors ---------------
+//
+// For fp32/fp64 a block is one vector; for bf16/fp16 it is one storage vector = two fp32 vectors.
+
+template <typename T>
+constexpr bool kReduced = at::is_reduced_floating_point_v<T>;
+
+template <typename T>
+using Opmath = Vectorized<at::opmath_type<T>>;
+
+template <typename T>
+struct Block {
+  Opmath<T> lo, hi;  // hi unused for fp32/fp64
+};
+
+template <typename T>
+inline Block<T> to_block(const Vectorized<T>& v) {
+  if constexpr (kReduced<T>) {
+    auto [a, b] = at::vec::convert_to_float<T>(v);
+    return {a, b};
+  } else {
+    return {v, Opmath<T>()};
+  }
+}
+
+template <typename T>
+inline Block<T> load_block(const T* p) {
+  return to_block(Vectorized<T>::loadu(p));
+}
+
+template <typename T>
+inline Vectorized<T> to_storage(const Block<T>& x) {
+  if constexpr (kReduced<T>) {
+    return at::vec::convert_from_float<T>(x.lo, x.hi);
+  } else {
+    return x.lo;
+  }
+}
+
+// Store one storage vector; `stream` (dst aligned to kVecBytes) writes around the caches.
+template <typename T>
+inline void store(T* dst, const Vectorized<T>& v, bool stream) {
+#if defined(CPU_CAPABILITY_AVX512)
+  static_assert(sizeof(Vectorized<T>) == 64, "one AVX-512 register per block");
+  if (stream) {
+    __m512i x;
+    std::memcpy(&x, &v, 64);
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), x);
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  static_assert(sizeof(Vectorized<T>) == 32, "one AVX2 register per block");
+  if (stream) {
+    __m256i x;
+    std::memcpy(&x, &v, 32);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), x);
+    return;
+  }
+#endif
+  (void)stream;
+  v.store(dst);
+}
+
+inline void stream_fence(bool stream) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if (stream) _mm_sfence();  // non-temporal stores are weakly ordered: publish them before returning
+#endif
+  (void)stream;
+}
+
+// Elements before `dst` is aligned for streaming stores (0 when not streaming).
+template <typename T>
+inline int64_t head_until_aligned(const T* dst, int64_t n, bool stream) {
+  if (!stream) return 0;
+  const auto addr = reinterpret_cast<std::uintptr_t>(dst);
+  if (addr % sizeof(T) != 0) return n;  // cannot align: all scalar
+  const int64_t off = static_cast<int64_t>((kVecBytes - addr % kVecBytes) % kVecBytes) / sizeof(T);
+  return std::min(off, n);
+}
+
+// -- squared norm ---------------------------------------------------------------------------------
+
 template <typename T, bool Weighted>
-double sum_of_squares(const T* x, const T* w, int64_t n) {
+double sum_of_squares(const T* __restrict__ x, const T* __restrict__ w, int64_t n) {
   using acc_t = at::opmath_type<T>;
-  acc_t lanes[kLanes] = {};
+  constexpr int64_t W = Vectorized<T>::size();
+  // four independent accumulators hide the add latency
+  Opmath<T> acc[4] = {Opmath<T>(0), Opmath<T>(0), Opmath<T>(0), Opmath<T>(0)};
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      acc_t v = static_cast<acc_t>(x[i + j]);
-      if (Weighted) v *= std::abs(static_cast<acc_t>(w[i + j]));
-      lanes[j] += v * v;
+  auto add = [&](Opmath<T>& a, Opmath<T> v, Opmath<T> wv) {
+    if (Weighted) v = v * wv.abs();
+    a = a + v * v;
+  };
+  for (; i + 2 * W <= n; i += 2 * W) {
+    Block<T> a = load_block(x + i), b = load_block(x + i + W);
+    Block<T> wa = Weighted ? load_block(w + i) : Block<T>{}, wb = Weighted ? load_block(w + i + W) : Block<T>{};
+    add(acc[0], a.lo, wa.lo);
+    add(acc[1], b.lo, wb.lo);
+    if constexpr (kReduced<T>) {
+      add(acc[2], a.hi, wa.hi);
+      add(acc[3], b.hi, wb.hi);
     }
   }
+  acc_t lanes[Opmath<T>::size()];
+  ((acc[0] + acc[1]) + (acc[2] + acc[3])).store(lanes);
   double total = 0;
-  for (int j = 0; j < kLanes; ++j) total += lanes[j];
+  for (int64_t j = 0; j < Opmath<T>::size(); ++j) total += lanes[j];
   for (; i < n; ++i) {
     double v = static_cast<double>(x[i]);
     if (Weighted) v *= std::abs(static_cast<double>(w[i]));
@@ -101,51 +240,152 @@ std::tuple<at::Tensor, at::Tensor> squared_norm_cpu(at::TensorList tensors, at::
   return {total_t, per};
 }
 
+// -- perturb --------------------------------------------------------------------------------------
+
+// One element of the perturbation, the foreach path's operations in its order.
+template <typename T>
+inline T perturbed(T old, T grad, at::opmath_type<T> sc, bool adaptive) {
+  using acc_t = at::opmath_type<T>;
+  const acc_t theta = static_cast<acc_t>(old);
+  acc_t step = static_cast<acc_t>(grad);
+  if (adaptive) step = step * (theta * theta);
+  step = step * sc;
+  return static_cast<T>(step + theta);
+}
+
+template <typename T>
+inline Opmath<T> perturbed_vec(Opmath<T> theta, Opmath<T> step, Opmath<T> sc, bool adaptive) {
+  if (adaptive) step = step * (theta * theta);
+  step = step * sc;
+  return step + theta;
+}
+
+// b ← p (skipped when b is p);  p ← p + s·w⊙g
+template <typename T>
+void perturb_range(T* __restrict__ p, const T* __restrict__ g, T* b, int64_t n, at::opmath_type<T> s, bool adaptive,
+                   bool stream) {
+  constexpr int64_t W = Vectorized<T>::size();
+  const bool backup = b != p;
+  stream = stream && backup;
+  const int64_t head = head_until_aligned(b, n, stream);
+  for (int64_t i = 0; i < head; ++i) {
+    const T old = p[i];
+    if (backup) b[i] = old;
+    p[i] = perturbed(old, g[i], s, adaptive);
+  }
+  const Opmath<T> sv(s);
+  int64_t i = head;
+  for (; i + W <= n; i += W) {
+    const Vectorized<T> old = Vectorized<T>::loadu(p + i);
+    if (backup) store(b + i, old, stream);
+    Block<T> theta = to_block(old), step = load_block(g + i);
+    Block<T> out{perturbed_vec<T>(theta.lo, step.lo, sv, adaptive), Opmath<T>()};
+    if constexpr (kReduced<T>) out.hi = perturbed_vec<T>(theta.hi, step.hi, sv, adaptive);
+    to_storage(out).store(p + i);
+  }
+  for (; i < n; ++i) {
+    const T old = p[i];
+    if (backup) b[i] = old;
+    p[i] = perturbed(old, g[i], s, adaptive);
+  }
+  stream_fence(stream);
+}
+
 // backup ← θ;  θ ← θ + s·w⊙g  with w = 1 (SAM) or θ² (ASAM); s read from a device (here CPU) scalar.
+// backup may be params itself (no backup kept): then θ is only moved.
 void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backup, const at::Tensor& scale,
                  bool adaptive) {
   check_matching("params", params, params);
   check_matching("grads", grads, params);
   check_matching("backup", backup, params);
   const float s = scale.to(at::kFloat).item<float>();
+  const bool stream = bytes_of(params) >= stream_bytes();
   auto pieces = pieces_of(params);
   at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       const Piece& pc = pieces[k];
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[pc.tensor].scalar_type(), "perturb", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        scalar_t* p = params[pc.tensor].data_ptr<scalar_t>();
-        const scalar_t* g = grads[pc.tensor].const_data_ptr<scalar_t>();
-        scalar_t* b = backup[pc.tensor].data_ptr<scalar_t>();
-        const acc_t sc = static_cast<acc_t>(s);
-        for (int64_t i = pc.begin; i < pc.end; ++i) {
-          const scalar_t old = p[i];
-          const acc_t theta = static_cast<acc_t>(old);
-          acc_t step = static_cast<acc_t>(g[i]);
-          if (adaptive) step = step * (theta * theta);
-          step = step * sc;
-          b[i] = old;
-          p[i] = static_cast<scalar_t>(step + theta);
-        }
+        scalar_t* p = params[pc.tensor].data_ptr<scalar_t>() + pc.begin;
+        const scalar_t* g = grads[pc.tensor].const_data_ptr<scalar_t>() + pc.begin;
+        scalar_t* b = backup[pc.tensor].data_ptr<scalar_t>() + pc.begin;
+        perturb_range<scalar_t>(p, g, b, pc.end - pc.begin, static_cast<at::opmath_type<scalar_t>>(s), adaptive,
+                                stream);
       });
     }
   });
+}
+
+// -- restore --------------------------------------------------------------------------------------
+
+// dst ← src, byte for byte.
+void copy_bytes(char* __restrict__ dst, const char* __restrict__ src, int64_t n, bool stream) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if (stream) {
+    const auto addr = reinterpret_cast<std::uintptr_t>(dst);
+    const int64_t head = std::min<int64_t>(static_cast<int64_t>((kVecBytes - addr % kVecBytes) % kVecBytes), n);
+    std::memcpy(dst, src, head);
+    int64_t i = head;
+#if defined(CPU_CAPABILITY_AVX512)
+    for (; i + 64 <= n; i += 64)
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i),
+                          _mm512_loadu_si512(reinterpret_cast<const void*>(src + i)));
+#else
+    for (; i + 32 <= n; i += 32)
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i),
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+#endif
+    std::memcpy(dst + i, src + i, n - i);
+    _mm_sfence();
+    return;
+  }
+#endif
+  (void)stream;
+  std::memcpy(dst, src, n);
 }
 
 // θ ← backup, bit for bit.
 void restore_cpu(at::TensorList params, at::TensorList backup) {
   check_matching("params", params, params);
   check_matching("backup", backup, params);
+  const bool stream = bytes_of(params) >= stream_bytes();
   auto pieces = pieces_of(params);
   at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       const Piece& pc = pieces[k];
       const int64_t bytes = params[pc.tensor].element_size();
-      std::memcpy(static_cast<char*>(params[pc.tensor].data_ptr()) + pc.begin * bytes,
-                  static_cast<const char*>(backup[pc.tensor].const_data_ptr()) + pc.begin * bytes,
-                  (pc.end - pc.begin) * bytes);
+      char* dst = static_cast<char*>(params[pc.tensor].data_ptr()) + pc.begin * bytes;
+      const char* src = static_cast<const char*>(backup[pc.tensor].const_data_ptr()) + pc.begin * bytes;
+      if (dst != src) copy_bytes(dst, src, (pc.end - pc.begin) * bytes, stream);
     }
   });
+}
+
+// -- finite-difference HVP accumulate --------------------------------------------------------------
+
+// a ← a + c·(gm − g0)  (g0 null: a + c·gm), acc and grads of one dtype
+template <typename T>
+void fd_hvp_range(T* __restrict__ a, const T* __restrict__ gm, const T* __restrict__ g0, int64_t n,
+                  at::opmath_type<T> c) {
+  using acc_t = at::opmath_type<T>;
+  constexpr int64_t W = Vectorized<T>::size();
+  const Opmath<T> cv(c);
+  auto one = [&](Opmath<T> av, Opmath<T> d, Opmath<T> base) {
+    if (g0 != nullptr) d = d - base;
+    return av + cv * d;
+  };
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    Block<T> av = load_block(a + i), d = load_block(gm + i);
+    Block<T> base = g0 != nullptr ? load_block(g0 + i) : Block<T>{};
+    Block<T> out{one(av.lo, d.lo, base.lo), Opmath<T>()};
+    if constexpr (kReduced<T>) out.hi = one(av.hi, d.hi, base.hi);
+    to_storage(out).store(a + i);
+  }
+  for (; i < n; ++i) {
+    acc_t d = static_cast<acc_t>(gm[i]);
+    if (g0 != nullptr) d = d - static_cast<acc_t>(g0[i]);
+    a[i] = static_cast<T>(static_cast<acc_t>(a[i]) + c * d);
+  }
 }
 
 // Finite-difference Hessian-vector step (SPEC §1.2, §1.4):
@@ -171,6 +411,12 @@ void fd_hvp_accumulate_cpu(at::TensorList acc, at::TensorList g_moved, at::Tenso
         using acc_scalar = scalar_t;
         using opmath = at::opmath_type<scalar_t>;
         acc_scalar* a = acc[pc.tensor].data_ptr<acc_scalar>();
+        if (g_moved[pc.tensor].scalar_type() == acc[pc.tensor].scalar_type()) {  // the common case: vectorised
+          const acc_scalar* gm = g_moved[pc.tensor].const_data_ptr<acc_scalar>() + pc.begin;
+          const acc_scalar* g0 = has_base ? g_base[pc.tensor].const_data_ptr<acc_scalar>() + pc.begin : nullptr;
+          fd_hvp_range<acc_scalar>(a + pc.begin, gm, g0, pc.end - pc.begin, static_cast<opmath>(c));
+          return;
+        }
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g_moved[pc.tensor].scalar_type(), "fd_hvp_g", [&] {
           const scalar_t* gm = g_moved[pc.tensor].const_data_ptr<scalar_t>();
           const scalar_t* g0 = has_base ? g_base[pc.tensor].const_data_ptr<scalar_t>() : nullptr;
@@ -187,6 +433,60 @@ void fd_hvp_accumulate_cpu(at::TensorList acc, at::TensorList g_moved, at::Tenso
   if (!params.empty()) restore_cpu(params, backup);
 }
 
+// -- AdamW ----------------------------------------------------------------------------------------
+
+template <typename T>
+struct AdamCoeffs {
+  at::opmath_type<T> decay, w1, b2, w2, neg_step_size, bc2, eps;
+};
+
+inline float square_root(float x) { return std::sqrt(x); }
+inline double square_root(double x) { return std::sqrt(x); }
+template <typename T>
+inline Vectorized<T> square_root(const Vectorized<T>& x) { return x.sqrt(); }
+
+template <typename V>
+inline V adam_theta(V theta, V gi, V& mi, V& vi, const V& decay, const V& w1, const V& b2, const V& w2,
+                    const V& neg_step, const V& bc2, const V& ep) {
+  theta = theta * decay;
+  mi = mi + w1 * (gi - mi);
+  vi = vi * b2 + w2 * gi * gi;
+  const V denom = square_root(vi) / bc2 + ep;
+  return theta + neg_step * (mi / denom);
+}
+
+template <typename T>
+void adamw_range(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m, T* __restrict__ v,
+                 const T* __restrict__ b, int64_t n, const AdamCoeffs<T>& k, bool stream) {
+  using acc_t = at::opmath_type<T>;
+  constexpr int64_t W = Vectorized<T>::size();
+  stream = stream && b != nullptr;  // θ is only written when the update starts from the backup
+  const int64_t head = head_until_aligned(p, n, stream);
+  auto scalar = [&](int64_t i) {
+    acc_t mi = static_cast<acc_t>(m[i]), vi = static_cast<acc_t>(v[i]);
+    const acc_t theta = adam_theta<acc_t>(static_cast<acc_t>(b != nullptr ? b[i] : p[i]), static_cast<acc_t>(g[i]),
+                                          mi, vi, k.decay, k.w1, k.b2, k.w2, k.neg_step_size, k.bc2, k.eps);
+    m[i] = static_cast<T>(mi);
+    v[i] = static_cast<T>(vi);
+    p[i] = static_cast<T>(theta);
+  };
+  for (int64_t i = 0; i < head; ++i) scalar(i);
+  const Opmath<T> decay(k.decay), w1(k.w1), b2(k.b2), w2(k.w2), neg_step(k.neg_step_size), bc2(k.bc2), ep(k.eps);
+  int64_t i = head;
+  for (; i + W <= n; i += W) {
+    Block<T> theta = load_block(b != nullptr ? b + i : p + i), gi = load_block(g + i);
+    Block<T> mi = load_block(m + i), vi = load_block(v + i);
+    Block<T> out;
+    out.lo = adam_theta(theta.lo, gi.lo, mi.lo, vi.lo, decay, w1, b2, w2, neg_step, bc2, ep);
+    if constexpr (kReduced<T>) out.hi = adam_theta(theta.hi, gi.hi, mi.hi, vi.hi, decay, w1, b2, w2, neg_step, bc2, ep);
+    to_storage(mi).store(m + i);
+    to_storage(vi).store(v + i);
+    store(p + i, to_storage(out), stream);
+  }
+  for (; i < n; ++i) scalar(i);
+  stream_fence(stream);
+}
+
 // One AdamW step (torch.optim.AdamW's formulas), optionally starting from the SAM backup instead of θ:
 //   θ ← (backup or θ)·(1 − lr·wd);  m ← m + (1−β1)(g − m);  v ← β2 v + (1−β2) g²
 //   θ ← θ − (lr / bc1) · m / (√v / √bc2 + eps)
@@ -199,6 +499,7 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   check_matching("exp_avg_sq", exp_avg_sq, params);
   const bool from_backup = !backup.empty();
   if (from_backup) check_matching("backup", backup, params);
+  const bool stream = bytes_of(params) >= stream_bytes();
   auto pieces = pieces_of(params);
   at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
@@ -206,32 +507,23 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
       const int64_t t = pc.tensor;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[t].scalar_type(), "adamw", [&] {
         using opmath = at::opmath_type<scalar_t>;
-        scalar_t* p = params[t].data_ptr<scalar_t>();
-        const scalar_t* g = grads[t].const_data_ptr<scalar_t>();
-        scalar_t* m = exp_avg[t].data_ptr<scalar_t>();
-        scalar_t* v = exp_avg_sq[t].data_ptr<scalar_t>();
-        const scalar_t* b = from_backup ? backup[t].const_data_ptr<scalar_t>() : nullptr;
-        const opmath decay = static_cast<opmath>(1.0 - lr * weight_decay);
-        const opmath w1 = static_cast<opmath>(1.0 - beta1), b2 = static_cast<opmath>(beta2);
-        const opmath w2 = static_cast<opmath>(1.0 - beta2);
-        const opmath step_size = static_cast<opmath>(lr / bias_correction1);
-        const opmath bc2 = static_cast<opmath>(bias_correction2_sqrt), ep = static_cast<opmath>(eps);
-        for (int64_t i = pc.begin; i < pc.end; ++i) {
-          const opmath gi = static_cast<opmath>(g[i]);
-          opmath theta = static_cast<opmath>(from_backup ? b[i] : p[i]) * decay;
-          opmath mi = static_cast<opmath>(m[i]);
-          mi = mi + w1 * (gi - mi);
-          const opmath vi = static_cast<opmath>(v[i]) * b2 + w2 * gi * gi;
-          const opmath denom = std::sqrt(vi) / bc2 + ep;
-          theta = theta + (-step_size) * (mi / denom);
-          m[i] = static_cast<scalar_t>(mi);
-          v[i] = static_cast<scalar_t>(vi);
-          p[i] = static_cast<scalar_t>(theta);
-        }
+        const AdamCoeffs<scalar_t> coeffs{
+            static_cast<opmath>(1.0 - lr * weight_decay), static_cast<opmath>(1.0 - beta1),
+            static_cast<opmath>(beta2), static_cast<opmath>(1.0 - beta2),
+            -static_cast<opmath>(lr / bias_correction1), static_cast<opmath>(bias_correction2_sqrt),
+            static_cast<opmath>(eps)};
+        const int64_t off = pc.begin;
+        adamw_range<scalar_t>(params[t].data_ptr<scalar_t>() + off, grads[t].const_data_ptr<scalar_t>() + off,
+                              exp_avg[t].data_ptr<scalar_t>() + off, exp_avg_sq[t].data_ptr<scalar_t>() + off,
+                              from_backup ? backup[t].const_data_ptr<scalar_t>() + off : nullptr, pc.end - pc.begin,
+                              coeffs, stream);
       });
     }
   });
 }
+
+// The vector instruction set the CPU kernels were compiled for ("avx512", "avx2" or "default").
+std::string capability() { return kCapability; }
 
 }  // namespace
 
@@ -244,6 +536,7 @@ TORCH_LIBRARY(unlearn_fast, m) {
   m.def("adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg, Tensor(c!)[] exp_avg_sq, "
         "Tensor[] backup, float lr, float beta1, float beta2, float eps, float weight_decay, "
         "float bias_correction1, float bias_correction2_sqrt) -> ()");
+  m.def("cpu_capability() -> str", &capability);
 }
 
 TORCH_LIBRARY_IMPL(unlearn_fast, CPU, m) {

@@ -42,7 +42,7 @@ def test_e2e_smoke_schema_and_ratios(tmp_path):
     ratios = run["ratios"]
     # only the ratios whose two variants ran
     assert set(ratios) == {"ref_over_ours_time", "ref_over_ours_memory", "ref_over_ours_method_memory",
-                           "ref_over_ours_time_cpu"}
+                           "ref_over_ours_total_memory", "ref_over_ours_time_cpu"}
     for key, value in ratios.items():
         assert math.isfinite(value) and value > 0, (key, value)
     # same init and batches: both implementations compute the same objective
@@ -62,9 +62,8 @@ def test_e2e_summarise_targets():
     assert ratios["ref_over_ours_time"] == 2.0 and ratios["ref_over_ours_memory"] == 2.5
     assert ratios["ref_over_ours_method_memory"] == 16.0
     assert ratios["ref_over_ours_time_sam_ilu"] == 3.6
-    assert targets == {"ilu_over_npo <= 1.5": False, "sam_over_npo <= 2.1": True,
-                       "ref_over_ours_time >= 1.6": True, "ref_over_ours_memory >= 2": True,
-                       "ref_over_ours_method_memory >= 2": True}
+    assert targets == {"ilu_over_npo <= 1.4": False, "sam_over_npo <= 1.5": False,
+                       "ref_over_ours_time >= 2": True, "ref_over_ours_method_memory >= 2.5": True}
 
 
 def test_e2e_rejects_unknown_variant():
@@ -128,3 +127,34 @@ def test_reference_gradients_match_ours():
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
             compared += 1
     assert compared == 2
+
+
+def test_plain_loop_gradients_match_ours():
+    """The well-written plain baseline computes the same step gradient as uf (fair comparison)."""
+    import torch
+
+    import unlearn_fast as uf
+    from unlearn_fast.testing.tiny import make_batch, tiny_llama
+
+    sys.path.insert(0, str(BENCH))
+    from plain_unlearn import PlainUnlearner
+
+    model = tiny_llama(layers=3)
+    forget, retain, env = make_batch(1), make_batch(2), make_batch(3)
+    forget["ref_nll"] = uf.reference_nll(
+        model, [{"input_ids": i[m.bool()], "labels": y[m.bool()]}
+                for i, y, m in zip(forget["input_ids"], forget["labels"], forget["attention_mask"])])
+    with torch.no_grad():  # move away from the start model so that NPO's Δ is not zero
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    before = [p.detach().clone() for p in model.parameters()]
+    for sam, irm in ((0.0, 0.0), (0.05, 2.0)):
+        config = uf.UnlearnConfig(method="npo", beta=0.5, retain_weight=1.5, sam_rho=sam,
+                                  irm="logit" if irm else None, irm_weight=irm)
+        ours = _grads_after(model, lambda: uf.unlearning_gradients(model, forget, retain, [env] if irm else [],
+                                                                   config))
+        plain = PlainUnlearner(model, beta=0.5, retain_weight=1.5, sam_rho=sam, irm_weight=irm)
+        theirs = _grads_after(model, lambda: plain.gradients(forget, retain, [env] if irm else []))
+        for a, b in zip(ours, theirs):
+            assert torch.allclose(a, b, rtol=1e-3, atol=1e-5), (sam, irm, (a - b).abs().max())
+        assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before)), "θ restored exactly"

@@ -205,11 +205,14 @@ def test_cpp_matches_torch_path_bit_for_bit(cpp_ops):
                 assert all(max_ulps(b.detach(), w, o) <= 1 for b, w, o in zip(p2, want, s1.backup))
 
 
-def test_auto_backend_picks_cpp_on_cpu(cpp_ops, monkeypatch):
+def test_auto_backend_picks_cpp_on_cpu_when_vectorised(cpp_ops, monkeypatch):
+    from unlearn_fast.ops import _cpp
+
     params, grads = make(torch.float32)
     monkeypatch.delenv("UNLEARN_FAST_SAM_BACKEND", raising=False)
     state = uf.ops.sam_perturb_(params, grads, 0.1)
-    assert state.backend == "cpp"
+    # a portable (unvectorised) build is not known to beat the foreach ops: auto keeps those
+    assert state.backend == ("cpp" if _cpp.capability() != "default" else "torch")
     uf.ops.sam_restore_(state)
     # non-contiguous tensors go to the foreach path
     t = [p.detach().t() for p in params if p.dim() == 2]
@@ -323,3 +326,94 @@ def test_cpp_loader_names_the_missing_tool(monkeypatch):
     missing = " ".join(_cpp._missing_tools(cuda=False))
     assert "ninja" in missing and "no-such-compiler-xyz" in missing
     assert (_cpp.source_dir() / "multi_tensor.cpp").exists()
+
+
+# -- the host-tuned build -------------------------------------------------------------------------
+
+def test_host_capability_follows_the_cpu_flags(monkeypatch):
+    from unlearn_fast.ops import _cpp
+
+    monkeypatch.delenv("UNLEARN_FAST_CPU_CAPABILITY", raising=False)
+    monkeypatch.setattr(_cpp.platform, "machine", lambda: "x86_64")
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c", "sse4_2"}
+    for flags, want in ((avx512, "avx512"), ({"avx2", "fma", "f16c"}, "avx2"), ({"avx512f", "avx2"}, "default"),
+                        (set(), "default")):
+        monkeypatch.setattr(_cpp, "cpu_flags", lambda flags=flags: flags)
+        assert _cpp.host_capability() == want
+    monkeypatch.setattr(_cpp.platform, "machine", lambda: "aarch64")
+    assert _cpp.host_capability() == "default"
+    monkeypatch.setenv("UNLEARN_FAST_CPU_CAPABILITY", "avx2")
+    assert _cpp.host_capability() == "avx2"
+    monkeypatch.setenv("UNLEARN_FAST_CPU_CAPABILITY", "sse9")
+    with pytest.raises(ValueError, match="UNLEARN_FAST_CPU_CAPABILITY"):
+        _cpp.host_capability()
+
+
+def test_build_cache_key_covers_the_vector_flags(tmp_path, monkeypatch):
+    from unlearn_fast.ops import _cpp
+
+    monkeypatch.setenv("UNLEARN_FAST_CACHE", str(tmp_path))
+    sources = [_cpp.source_dir() / "multi_tensor.cpp"]
+    dirs = {cap: _cpp.build_dir_for(_cpp.compile_flags(cap), sources, False) for cap in ("avx512", "avx2", "default")}
+    assert len(set(dirs.values())) == 3 and all(d.parent == tmp_path for d in dirs.values())
+    assert "-ffp-contract=off" in _cpp.compile_flags("avx512") and "-DCPU_CAPABILITY_AVX512" in _cpp.compile_flags("avx512")
+    with pytest.raises(ValueError, match="capability"):
+        _cpp.compile_flags("avx1024")
+
+
+def test_loaded_build_is_the_host_one(cpp_ops, monkeypatch):
+    from unlearn_fast.ops import _cpp
+
+    if os.environ.get("UNLEARN_FAST_CPU_CAPABILITY"):
+        pytest.skip("capability forced")
+    assert _cpp.capability() in (_cpp.host_capability(), "default")  # default only when the vector build failed
+
+
+def _big_lists(dtype, seed):
+    """A list over the streaming threshold (16 MiB), with odd lengths and a view that starts unaligned."""
+    g = torch.Generator().manual_seed(seed)
+    n = (17 << 20) // torch.empty((), dtype=dtype).element_size()
+    base = torch.randn(n + 3, generator=g).to(dtype)
+    params = [base[3:3 + n // 2 + 1], torch.randn(n // 2 - 1, generator=g).to(dtype),
+              torch.randn(37, generator=g).to(dtype)]
+    grads = [(1e-2 * torch.randn(p.shape, generator=g)).to(dtype) for p in params]
+    return params, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_cpp_streaming_path_matches_torch_and_restores_exactly(cpp_ops, dtype, adaptive):
+    """Lists above the cache size take the non-temporal-store loops: same numbers, exact restore."""
+    p_cpp, grads = _big_lists(dtype, seed=7)
+    p_torch = [p.clone() for p in p_cpp]
+    before = [bits(p).clone() for p in p_cpp]
+    s_torch = uf.ops.sam_perturb_(p_torch, grads, 0.5, adaptive=adaptive, backend="torch")
+    s_cpp = uf.ops.sam_perturb_(p_cpp, grads, 0.5, adaptive=adaptive, backend="cpp",
+                                backup=[torch.empty_like(p) for p in p_cpp])
+    assert all(torch.equal(bits(b), w) for b, w in zip(s_cpp.backup, before)), "the backup is θ bit for bit"
+    if torch.equal(s_torch.scale, s_cpp.scale):
+        assert all(torch.equal(bits(a), bits(b)) for a, b in zip(p_torch, p_cpp))
+    else:
+        want = naive_perturbed(s_torch.backup, grads, 0.5, adaptive, scale=float(s_cpp.scale))
+        assert all(max_ulps(b, w, o) <= 1 for b, w, o in zip(p_cpp, want, s_torch.backup))
+    assert all(not torch.equal(bits(p), b) for p, b in zip(p_cpp[:2], before)), "the big tensors must move"
+    uf.ops.sam_restore_(s_cpp)
+    assert all(torch.equal(bits(p), b) for p, b in zip(p_cpp, before))
+
+
+def test_cpp_adamw_from_backup_streaming_matches_torch_adamw(cpp_ops):
+    """The update that starts from the SAM backup writes θ with streaming stores on a big list."""
+    params, grads = _big_lists(torch.float32, seed=8)
+    params = [p.clone() for p in params]  # contiguous storage of their own
+    ref = [torch.nn.Parameter(p.clone()) for p in params]
+    ours = [torch.nn.Parameter(p.clone()) for p in params]
+    for r, o, g in zip(ref, ours, grads):
+        r.grad, o.grad = g.clone(), g.clone()
+    torch_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, foreach=False)
+    fused = uf.optim.FusedAdamW(ours, lr=1e-2, weight_decay=0.1, backend="cpp")
+    state = uf.ops.sam_perturb_(ours, grads, 0.3, backend="cpp")
+    fused.step(sam_state=state)
+    torch_opt.step()
+    for r, o, p in zip(ref, ours, params):
+        assert max_ulps(o.detach(), r.detach(), p) <= 2.0  # torch's AdamW rounds its steps in another order
+        assert not torch.equal(o.detach(), p)

@@ -70,6 +70,7 @@ def chunked_pass(
     want_ez: bool = True,
     matmul: torch.dtype | None = None,
     weight_grad: bool = True,
+    d_weight_out: torch.Tensor | None = None,
 ):
     """One pass over token chunks.
 
@@ -85,6 +86,7 @@ def chunked_pass(
     on CUDA, with fp32 results; fp32 on the CPU); the softmax and every accumulation are fp32 whatever it is.
     ``weight_grad=False`` (weight and bias frozen, e.g. an input-only attack) forms d_input alone:
     no [V, H] buffer and no weight-gradient matmul; d_weight and d_bias come back None.
+    ``d_weight_out``: a [V, H] compute-dtype buffer to write d weight into (overwritten, not added to).
     """
     n, hidden = h.shape
     vocab = weight.shape[0]
@@ -99,7 +101,10 @@ def chunked_pass(
     out_ez = torch.zeros_like(out_lse)
     if coeffs is not None:
         d_h = torch.empty(n, hidden, dtype=compute, device=h.device)
-        d_w = torch.zeros(vocab, hidden, dtype=compute, device=h.device) if weight_grad else None
+        # written by the first chunk's matmul (no zero-fill pass over [V, H]), accumulated by the others
+        d_w = None
+        if weight_grad:
+            d_w = torch.empty(vocab, hidden, dtype=compute, device=h.device) if d_weight_out is None else d_weight_out
         d_b = torch.zeros(vocab, dtype=compute, device=h.device) if bias is not None and weight_grad else None
     # Workspace allocated once: z holds the logits, e = exp(z − shift) (in z's storage when z is
     # not needed afterwards), then d z.
@@ -130,7 +135,11 @@ def chunked_pass(
         out_lse[rows] = torch.where(keep, chunk_lse, 0)
         out_zy[rows] = torch.where(keep, zy, 0)
         if want_ez:
-            ez = (e.unsqueeze(1) @ z.unsqueeze(2)).reshape(-1) * inv_total
+            # E_p[z] = Σ e z / Σ e. z itself is not needed after this (d z below is written as
+            # a e + b (e z)), so e z goes into z's storage: two fast streaming passes where a
+            # batched row dot (e [C,1,V] @ z [C,V,1]) runs at a fraction of the bandwidth on a CPU.
+            ez_prod = z.mul_(e)
+            ez = ez_prod.sum(dim=1) * inv_total
             out_ez[rows] = torch.where(keep, ez, 0)
         if coeffs is None:
             continue
@@ -141,9 +150,10 @@ def chunked_pass(
             cf = Coeffs(coeffs.a[rows], coeffs.b[rows] if coeffs.b is not None else None, coeffs.c[rows])
         a = (cf.a.to(compute) * inv_total).unsqueeze(1)
         if cf.b is not None:
-            # dz = p (a + b z) = e (a + b z) / total, built in z's storage
+            # dz = p (a + b z) = (a e + b e z) / total, built in e's storage
             b_scaled = (cf.b.to(compute) * inv_total).unsqueeze(1)
-            dz = torch.addcmul(a, z, b_scaled, out=z).mul_(e)
+            ez_prod = z if want_ez else z.mul_(e)  # e z (already there when E_p[z] was taken)
+            dz = e.mul_(a).addcmul_(ez_prod, b_scaled)
         else:
             dz = e.mul_(a)
         dz.scatter_add_(1, y, -cf.c.to(compute).unsqueeze(1))
@@ -152,7 +162,9 @@ def chunked_pass(
         dz = dz.to(mm)  # bf16 operand for the tensor cores on CUDA (no-op on the CPU)
         mm_into(d_h[rows], dz, w)
         if d_w is not None:
-            mm_into(d_w, dz.T, hc, accumulate=True)
+            mm_into(d_w, dz.T, hc, accumulate=start != 0)
+    if coeffs is not None and n == 0 and d_w is not None:
+        d_w.zero_()
     stats = (out_lse, out_zy, out_ez)
     if coeffs is None:
         return stats
@@ -301,6 +313,7 @@ def irm_penalty_pass(h, weight, bias, target, env, half, num_envs: int, *, chunk
     env_s = torch.zeros_like(env_ce)
     d_h = torch.zeros(n, hidden, dtype=compute, device=h.device)
     d_w = d_b = None
+    spare: list[torch.Tensor] = []  # [V, H] group buffers already folded into d_w, reused by the next groups
     for e in range(num_envs):
         in_env = env == e
         groups = [in_env] if half is None else [in_env & (half == 0), in_env & (half == 1)]
@@ -317,7 +330,8 @@ def irm_penalty_pass(h, weight, bias, target, env, half, num_envs: int, *, chunk
                 return Coeffs((1 - ez) * scale, torch.full_like(ez, scale), torch.full_like(ez, scale))
 
             valid = torch.ones(count, dtype=torch.bool, device=h.device)
-            (lse, zy, ez), grads = chunked_pass(h[rows], weight, bias, target[rows], valid, coeffs=unit, chunk=chunk)
+            (lse, zy, ez), grads = chunked_pass(h[rows], weight, bias, target[rows], valid, coeffs=unit, chunk=chunk,
+                                                d_weight_out=spare.pop() if spare else None)
             s_k = (ez - zy).sum() * scale
             env_ce[e] += (lse - zy).sum()
             env_s[e] += (ez - zy).sum()
@@ -333,7 +347,11 @@ def irm_penalty_pass(h, weight, bias, target, env, half, num_envs: int, *, chunk
                 continue
             g_h, g_w, g_b = grads
             d_h.index_copy_(0, rows, g_h.mul_(slope))
-            d_w = g_w.mul_(slope) if d_w is None else d_w.add_(g_w.mul_(slope))
+            if d_w is None:
+                d_w = g_w.mul_(slope)
+            else:  # one pass: d_w += slope · g_w, then g_w's storage serves the next group
+                d_w.addcmul_(g_w, slope)
+                spare.append(g_w)
             if g_b is not None:
                 d_b = g_b.mul_(slope) if d_b is None else d_b.add_(g_b.mul_(slope))
         count = max(sum(rows.numel() for rows, _, _ in done), 1)

@@ -14,8 +14,8 @@ Engines behind the same three functions (``backend=``, default ``UNLEARN_FAST_SA
   "triton" single launches over one flat buffer, when the tensors are views of one buffer per
            dtype (``uf.flatten_parameters``) on CUDA (or under TRITON_INTERPRET=1);
   "torch"  ``torch._foreach_*``: the fallback, always available.
-"auto" picks triton for flat CUDA buffers, else cpp when it builds (UNLEARN_FAST_NO_CPP=1 turns it
-off), else torch. All engines give the same numbers up to one rounding (tests compare each to the
+"auto" picks triton for flat CUDA buffers, else cpp when it builds (on the CPU: when it is built for
+the host's vector unit, see ops/_cpp.py; UNLEARN_FAST_NO_CPP=1 turns it off), else torch. All engines give the same numbers up to one rounding (tests compare each to the
 naive per-parameter loop).
 """
 from __future__ import annotations
@@ -112,9 +112,18 @@ def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 # -- engine selection ------------------------------------------------------------------------------
 
 def _cpp_usable(device: torch.device) -> bool:
+    """Whether "auto" may take the compiled path: it builds, and on the CPU it was built for a vector unit.
+
+    The compiled CPU kernels do one pass per op with the host's vectors and non-temporal stores,
+    so they move fewer bytes than the foreach ops at the same width; a portable (unvectorised)
+    build has no such guarantee, so "auto" keeps the foreach path there (``backend="cpp"`` still
+    takes it).
+    """
     from . import _cpp
 
-    return _cpp.available(device)
+    if not _cpp.available(device):
+        return False
+    return device.type != "cpu" or _cpp.vectorised()
 
 
 def resolve_backend(backend, tensors, others=None) -> str:
