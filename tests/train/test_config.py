@@ -33,6 +33,9 @@ UNLEARN_VALUES = {
     "cr_step": ("0.05", 0.05, []), "fd_step": ("0.01", 0.01, []), "rmu_layer": ("2", 2, []),
     "rmu_steering": ("10", 10.0, []), "rmu_alpha": ("5", 5.0, []), "seed": ("13", 13, []),
     "compat": ("reference", "reference", []), "ignore_index": ("-1", -1, []),
+    "adv_eps": ("0.05", 0.05, []), "adv_steps": ("3", 3, []), "adv_step_size": ("0.001", 0.001, []),
+    "adv_toward_weight": ("0.3", 0.3, []), "adv_away_weight": ("0.4", 0.4, []),
+    "adv_cutoffs": ("[0.4, -4.0]", (0.4, -4.0), []),
 }
 
 
