@@ -201,9 +201,11 @@ def aggregate(rows_by_seed: dict, *, comparisons=COMPARISONS, level: float = 0.9
 def _interval_cell(summary: dict | None) -> str:
     if not summary or summary.get("mean") is None:
         return "–"
+    mean = summary["mean"]
     if summary.get("ci_low") is None:
-        return _fmt(summary["mean"])
-    return f"{_fmt(summary['mean'])} [{_fmt(summary['ci_low'])}, {_fmt(summary['ci_high'])}]"
+        return _fmt(mean)
+    spec = ".1f" if abs(mean) >= 10 else ".3f"  # the interval in the mean's format
+    return f"{mean:{spec}} [{summary['ci_low']:{spec}}, {summary['ci_high']:{spec}}]"
 
 
 def seeds_table(methods: dict) -> str:
