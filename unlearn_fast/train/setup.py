@@ -41,6 +41,10 @@ def load_model(config: TrainConfig):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         local = Path(config.model).is_dir()
+        if not local and (Path(config.model).is_absolute() or config.model.startswith((".", "~"))):
+            # a path, not a hub id: say it is missing (transformers would call it a malformed repo id)
+            raise ConfigError(f"model: directory {config.model!r} does not exist; allowed: tiny, a local "
+                              "Hugging Face model directory, or a cached model id")
         try:
             tokenizer = AutoTokenizer.from_pretrained(config.model, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(config.model, local_files_only=True, dtype=dtype)
