@@ -1,0 +1,110 @@
+"""``unlearn-fast eval --benchmark``: the command end to end on a tiny saved model and exported benchmark
+directories; eval.json must hold exactly what run_benchmark returns when called directly."""
+import json
+
+import pytest
+
+from unlearn_fast.cli import main
+from unlearn_fast.data.benchmark_corpus import export_benchmark
+from unlearn_fast.data.corpus import build_corpus
+from unlearn_fast.data.tokenizer import WordTokenizer
+from unlearn_fast.eval.benchmark_suite import run_benchmark
+from unlearn_fast.recipes.teach import load_directory
+from unlearn_fast.testing.tiny import tiny_llama
+
+pytest.importorskip("scipy")
+pytest.importorskip("rouge_score")
+
+NEW_TOKENS = 3
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval-benchmark")
+    corpus = build_corpus(0, num_entities=6, forget_entities=2, general=6, utility=2, env_train=2, env_test=3)
+    tokenizer = WordTokenizer.from_texts(corpus.all_texts())
+    models = {}
+    for name, seed in (("unlearned", 1), ("retain", 2)):  # two different random models: no metric is 0 or 1 by luck
+        models[name] = root / name
+        tiny_llama(vocab=len(tokenizer), layers=2, seed=seed).save_pretrained(models[name])
+        tokenizer.save_pretrained(models[name])
+    data = {b: export_benchmark(corpus, b, root / "data" / b) for b in ("tofu", "muse", "wmdp")}
+    return root, models, data
+
+
+def values(result: dict) -> dict:
+    """The metrics and the raw per-question values, flattened (not the config: it holds the timing)."""
+    flat = {k: v for k, v in result.items() if k not in ("config", "raw")}
+    flat.update({f"raw.{k}.{i}": x for k, v in result["raw"].items() for i, x in enumerate(v)})
+    return flat
+
+
+def test_tofu_eval_json_equals_run_benchmark_with_a_retain_reference(setup):
+    root, models, data = setup
+    common = ["--benchmark", "tofu", "--data", str(data["tofu"]), "--max-new-tokens", str(NEW_TOKENS),
+              "--batch-size", "4"]
+    assert main(["eval", "--checkpoint", str(models["retain"]), "--output", str(root / "ev-retain"), *common]) == 0
+    reference = root / "ev-retain" / "eval.json"
+    assert main(["eval", "--checkpoint", str(models["unlearned"]), "--output", str(root / "ev"),
+                 "--reference", str(reference), *common]) == 0
+    written = json.loads((root / "ev" / "eval.json").read_text())
+    assert written["checkpoint"] == str(models["unlearned"]) and not (root / "ev" / "report.md").exists()
+
+    model, tokenizer = load_directory(models["unlearned"])
+    direct = run_benchmark(model, tokenizer, "tofu", data["tofu"], reference=reference, batch_size=4,
+                           max_new_tokens=NEW_TOKENS, progress=False)
+    got = written["benchmark"]
+    assert set(got) == set(direct)
+    assert {"forget_truth_ratio", "forget_quality", "model_utility", "privleak", "mia_min_k_plus_plus",
+            "forget_Q_A_Prob", "retain_Truth_Ratio", "wf_Q_A_ROUGE", "ra_Truth_Ratio"} <= set(got)
+    assert values(got) == pytest.approx(values(direct), rel=1e-12, abs=0)
+    assert got["forget_quality"] is not None and 0 < got["forget_quality"] <= 1
+    # the reference was read from the first command's file: the same model evaluated directly gives it
+    retain_model, _ = load_directory(models["retain"])
+    retain = run_benchmark(retain_model, tokenizer, "tofu", data["tofu"], batch_size=4, max_new_tokens=NEW_TOKENS,
+                           progress=False)
+    assert retain["raw"]["forget_truth_ratios"] == pytest.approx(
+        json.loads(reference.read_text())["benchmark"]["raw"]["forget_truth_ratios"], rel=1e-12)
+
+
+@pytest.mark.parametrize("benchmark", ["muse", "wmdp"])
+def test_muse_and_wmdp_eval_json_equals_run_benchmark(setup, benchmark):
+    root, models, data = setup
+    out = root / f"ev-{benchmark}"
+    assert main(["eval", "--checkpoint", str(models["unlearned"]), "--output", str(out), "--benchmark", benchmark,
+                 "--data", str(data[benchmark]), "--max-new-tokens", str(NEW_TOKENS)]) == 0
+    got = json.loads((out / "eval.json").read_text())["benchmark"]
+    model, tokenizer = load_directory(models["unlearned"])
+    direct = run_benchmark(model, tokenizer, benchmark, data[benchmark], max_new_tokens=NEW_TOKENS, progress=False)
+    expected_keys = {"muse": {"forget_knowmem_ROUGE", "retain_knowmem_ROUGE", "forget_verbmem_ROUGE", "privleak"},
+                     "wmdp": {"wmdp_bio", "wmdp_bio_acc_norm", "mmlu"}}[benchmark]
+    assert expected_keys <= set(got) and set(got) == set(direct)
+    assert values(got) == pytest.approx(values(direct), rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("unknown", "unknown benchmark; choose from tofu, muse, wmdp"),
+    ("no-data-arg", "needs --data DIR"),
+    ("missing-dir", "no such directory"),
+    ("empty-dir", "no tofu 'forget' split"),
+    ("missing-reference", "no such file"),
+    ("data-without-benchmark", "--data needs --benchmark"),
+    ("bad-checkpoint", "not a model directory"),
+])
+def test_bad_arguments_exit_2_with_one_line(setup, capsys, case, expected):
+    root, models, data = setup
+    (root / "empty").mkdir(exist_ok=True)
+    argv = {"unknown": ["--benchmark", "tufo", "--data", str(data["tofu"])],
+            "no-data-arg": ["--benchmark", "tofu"],
+            "missing-dir": ["--benchmark", "tofu", "--data", str(root / "nowhere")],
+            "empty-dir": ["--benchmark", "tofu", "--data", str(root / "empty")],
+            "missing-reference": ["--benchmark", "tofu", "--data", str(data["tofu"]), "--reference",
+                                  str(root / "nowhere.json")],
+            "data-without-benchmark": ["--data", str(data["tofu"])],
+            "bad-checkpoint": ["--benchmark", "tofu", "--data", str(data["tofu"])]}[case]
+    checkpoint = root / "empty" if case == "bad-checkpoint" else models["unlearned"]
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(checkpoint), "--output", str(root / "ev-bad"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err and "Traceback" not in err, err
+    assert not (root / "ev-bad" / "eval.json").exists()
