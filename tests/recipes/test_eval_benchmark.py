@@ -108,3 +108,34 @@ def test_bad_arguments_exit_2_with_one_line(setup, capsys, case, expected):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err and "Traceback" not in err, err
     assert not (root / "ev-bad" / "eval.json").exists()
+
+
+def test_lm_eval_tasks_from_an_include_directory_beside_the_wmdp_suite(tmp_path):
+    """One command: the WMDP suite on a local question file and the same questions as a local lm-eval task
+    (--lm-eval-include); the harness's accuracy equals the project's multiple-choice accuracy in eval.json."""
+    pytest.importorskip("lm_eval")
+    from tests.eval.test_lm_eval_bridge import ITEMS, word_level_hf_tokenizer
+
+    data = tmp_path / "wmdp"
+    data.mkdir()
+    (data / "wmdp-bio.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ITEMS))
+    (data / "meta.json").write_text(json.dumps({"mc_format": "text"}))  # the choice text is the continuation
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "uf_local_bio.yaml").write_text(
+        "task: uf_local_bio\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data / 'wmdp-bio.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{question}}\"\n"
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: answer\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    tokenizer = word_level_hf_tokenizer()
+    checkpoint = tmp_path / "model"
+    tiny_llama(vocab=len(tokenizer), layers=2, seed=3).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    out = tmp_path / "ev"
+    assert main(["eval", "--checkpoint", str(checkpoint), "--output", str(out), "--benchmark", "wmdp", "--data",
+                 str(data), "--lm-eval-tasks", "uf_local_bio", "--lm-eval-include", str(tasks)]) == 0
+    written = json.loads((out / "eval.json").read_text())
+    harness, ours = written["lm_eval"]["uf_local_bio"], written["benchmark"]
+    assert harness["acc,none"] == pytest.approx(ours["wmdp_bio"])
+    assert harness["acc_norm,none"] == pytest.approx(ours["wmdp_bio_acc_norm"])
+    assert 0 < ours["wmdp_bio"] < 1  # not a trivially equal 0 or 1
