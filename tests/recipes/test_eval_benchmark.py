@@ -3,6 +3,7 @@ directories; eval.json must hold exactly what run_benchmark returns when called 
 import json
 
 import pytest
+import torch
 
 from unlearn_fast.cli import main
 from unlearn_fast.data.benchmark_corpus import export_benchmark
@@ -139,3 +140,55 @@ def test_lm_eval_tasks_from_an_include_directory_beside_the_wmdp_suite(tmp_path)
     assert harness["acc,none"] == pytest.approx(ours["wmdp_bio"])
     assert harness["acc_norm,none"] == pytest.approx(ours["wmdp_bio_acc_norm"])
     assert 0 < ours["wmdp_bio"] < 1  # not a trivially equal 0 or 1
+
+
+def test_retain_only_model_is_taught_without_the_forget_facts_and_cached(tmp_path, monkeypatch):
+    """Forget quality's reference must never see the forget set: teach() gets the corpus minus its forget
+    facts (retain, general text and tasks unchanged), with the default model's tokenizer; the second call
+    reads the cache."""
+    from unlearn_fast.recipes import teach as teach_module
+    from unlearn_fast.recipes.teach import QUICK_MODEL, TeachSpec, retain_only_model
+
+    corpus = build_corpus(0, num_entities=4, forget_entities=1, general=4, utility=2, env_train=2, env_test=2)
+    tokenizer = WordTokenizer.from_texts(corpus.all_texts())
+    seen = []
+    real_teach = teach_module.teach
+
+    def spy(model, tok, taught, spec, **kw):
+        seen.append(taught)
+        return real_teach(model, tok, taught, spec, **kw)
+
+    monkeypatch.setattr(teach_module, "teach", spy)
+    spec = TeachSpec(max_steps=2, min_steps=2, eval_every=1, batch_size=4, text_per_batch=2, env_per_batch=2)
+    model, info = retain_only_model(corpus, tokenizer, spec=QUICK_MODEL, teach_spec=spec, cache_dir=tmp_path,
+                                    progress=lambda _: None)
+    assert len(seen) == 1 and seen[0].forget == [] and corpus.forget
+    assert seen[0].retain == corpus.retain and seen[0].general_train == corpus.general_train
+    assert seen[0].envs == corpus.envs and model.config.vocab_size == len(tokenizer)
+    assert info["forget_acc"] is None and not info["cached"]
+    again, info2 = retain_only_model(corpus, tokenizer, spec=QUICK_MODEL, teach_spec=spec, cache_dir=tmp_path,
+                                     progress=lambda _: None)
+    assert len(seen) == 1 and info2["cached"]
+    for a, b in zip(model.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_lm_eval_refusals_exit_2_with_one_line(setup, capsys, tmp_path):
+    """A checkpoint with the word tokenizer (the harness needs a Hugging Face one), and an unknown task."""
+    pytest.importorskip("lm_eval")
+    from tests.eval.test_lm_eval_bridge import word_level_hf_tokenizer
+
+    root, models, _ = setup
+    (tmp_path / "no-tasks").mkdir()
+    hf_tokenizer = word_level_hf_tokenizer()
+    hf_checkpoint = tmp_path / "hf-model"
+    tiny_llama(vocab=len(hf_tokenizer), layers=2, seed=3).save_pretrained(hf_checkpoint)
+    hf_tokenizer.save_pretrained(hf_checkpoint)
+    for checkpoint, expected in ((models["unlearned"], "needs a Hugging Face tokenizer"),
+                                 (hf_checkpoint, "uf_no_such_task")):
+        capsys.readouterr()
+        assert main(["eval", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "ev"),
+                     "--lm-eval-tasks", "uf_no_such_task", "--lm-eval-include", str(tmp_path / "no-tasks")]) == 2
+        err = capsys.readouterr().err  # (after the model loaded: its progress bar is there too)
+        errors = [line for line in err.splitlines() if line.startswith("unlearn-fast eval: error:")]
+        assert len(errors) == 1 and expected in errors[0] and "Traceback" not in err, err

@@ -76,11 +76,16 @@ def eval_main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_directory(args.checkpoint)
     extra = {}
     if args.lm_eval_tasks:
+        from transformers import PreTrainedTokenizerBase
+
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):  # the harness tokenises with an HF tokenizer
+            return _fail(f"--lm-eval-tasks needs a Hugging Face tokenizer in {args.checkpoint} "
+                         f"(it has {type(tokenizer).__name__})")
         try:
             extra["lm_eval"] = lm_eval_bridge(model, tokenizer, [t for t in args.lm_eval_tasks.split(",") if t],
                                               include_path=args.lm_eval_include)
-        except ImportError as exc:
-            return _fail(str(exc))
+        except (ImportError, KeyError) as exc:  # no lm_eval; a task name the harness does not know
+            return _fail(str(exc).strip('"'))
     if args.benchmark:
         log(f"evaluating {args.checkpoint} on {args.benchmark} ({args.data}) ...")
         result = run_benchmark(model, tokenizer, args.benchmark, args.data, reference=args.reference,
