@@ -46,7 +46,8 @@ def write_markdown(report: dict, path: Path) -> None:
              "after relearning: on the forget questions not shown to the attacker, after fine-tuning on "
              f"{cfg.get('relearn', {}).get('samples', 'k')} others; after fine-tuning: mean over the unrelated "
              "tasks of the forget accuracy at the first-quartile, median and final checkpoints (the robustness "
-             "score: lower is more robust); gains: what each attack brings back on the same questions; 8/4-bit: round-to-nearest group-wise weight quantization; "
+             "score: lower is more robust); gains: what each attack brings back on the same questions; "
+             "8/4-bit: round-to-nearest group-wise weight quantization; "
              "truth ratio: TOFU's forget truth ratio (mean of min(R, 1/R), R = P(perturbed)/P(paraphrased)); forget "
              "quality: KS-test p-value of the forget truth ratios against a model taught without the forget set; "
              "min-k%++ AUC: membership inference on forget vs never-seen facts (0.5: indistinguishable).", ""]
