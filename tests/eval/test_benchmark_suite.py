@@ -232,3 +232,32 @@ def test_generate_keeps_the_prompt_when_the_continuation_does_not_fit(setup):
         ids = [tokenizer.bos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)
         expect = tokenizer.decode(naive_greedy(model, ids, limit - len(ids), tokenizer.eos_token_id))
         assert text == expect.strip(), prompt
+
+
+def test_corpus_benchmark_metrics_match_naive_and_the_exported_tofu_suite(setup):
+    """The main job's columns: computed in memory from the corpus, they equal the naive truth ratios, scipy's KS
+    p-value against a reference model's ratios, sklearn's min-k%++ AUC, and run_benchmark on the exported files."""
+    from unlearn_fast.eval.benchmark_suite import corpus_benchmark_metrics
+
+    corpus, tokenizer, dirs, model = setup
+    data = load_benchmark("tofu", dirs["tofu"])
+    reference_model = tiny_llama(vocab=len(tokenizer), layers=2, seed=6).eval()
+    reference = corpus_benchmark_metrics(reference_model, tokenizer, corpus, batch_size=3)
+    assert reference["forget_quality"] is None
+    got = corpus_benchmark_metrics(model, tokenizer, corpus, reference_truth_ratios=reference["forget_truth_ratios"],
+                                   batch_size=3)
+
+    ratios = naive_truth_ratios(model, tokenizer, data.forget, "paraphrased_answer")
+    ref_ratios = naive_truth_ratios(reference_model, tokenizer, data.forget, "paraphrased_answer")
+    assert got["forget_truth_ratios"] == pytest.approx(ratios.tolist(), rel=1e-4)
+    assert got["forget_truth_ratio"] == pytest.approx(np.mean(np.minimum(ratios, 1 / ratios)), rel=1e-4)
+    assert got["forget_quality"] == pytest.approx(stats.ks_2samp(ratios, ref_ratios, method="exact").pvalue,
+                                                  rel=1e-6)
+    qa = lambda rs: [qa_example(tokenizer, r["question"], r["answer"]) for r in rs]
+    sf, sh = naive_mia_scores(model, tokenizer, qa(data.forget)), naive_mia_scores(model, tokenizer, qa(data.holdout))
+    assert got["mia_min_k_plus_plus"] == pytest.approx(sklearn_auc(sf["min_k_plus_plus"], sh["min_k_plus_plus"]),
+                                                       abs=1e-9)
+    suite = run_benchmark(model, tokenizer, "tofu", dirs["tofu"], reference={"raw": {
+        "forget_truth_ratios": reference["forget_truth_ratios"]}}, max_new_tokens=1, batch_size=3, progress=False)
+    for key in ("forget_truth_ratio", "forget_quality", "mia_min_k_plus_plus"):
+        assert got[key] == pytest.approx(suite[key], rel=1e-9), key

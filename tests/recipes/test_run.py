@@ -20,9 +20,14 @@ def test_quick_end_to_end_run_and_eval(tmp_path):
             assert isinstance(row[key], (int, float)), (name, key)
         assert 0 <= row["forget_acc"] <= 1 and row["utility_ppl"] > 1
         assert set(row["finetune"]) == {"arithmetic", "sentiment", "paraphrase"}
+        for key in ("forget_truth_ratio", "forget_quality", "mia_min_k_plus_plus"):  # the benchmark columns
+            assert 0 <= row[key] <= 1, (name, key)
+    assert next(cache.glob("retain-only-*")).is_dir()  # forget quality's reference: taught once, cached
+    assert report["timings"]["retain_only_model"] > 0
     assert {"config", "versions", "timings"} <= set(report)
     md = (out / "report.md").read_text()
     assert all(f"| {m} |" in md for m in methods)
+    assert "forget quality" in md and "min-k%++ AUC" in md
 
     # eval on the cached default model directory, with MUSE-style files
     model_dir = next(cache.glob("default-*"))

@@ -79,6 +79,11 @@ def holdout_facts(corpus: Corpus, count: int) -> list[dict]:
     return [f for p in people for f in _facts(p)]
 
 
+def holdout_count(corpus: Corpus) -> int:
+    """How many holdout people an export has: about as many facts as the forget set."""
+    return max(1, len(corpus.forget) // len(ATTRIBUTES))
+
+
 def _arithmetic_options(records, rng) -> list[dict]:
     out = []
     for rec in records:
@@ -119,7 +124,7 @@ def export_benchmark(corpus: Corpus, name: str, directory) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     seed, values = corpus.seed, known_values(corpus)
-    holdout = holdout_facts(corpus, max(1, len(corpus.forget) // len(ATTRIBUTES)))
+    holdout = holdout_facts(corpus, holdout_count(corpus))
     qa = lambda facts: [{"question": f["question"], "answer": f["answer"]} for f in facts]
     if name == "tofu":
         write_jsonl(perturbed_facts(corpus.forget, values, seed), directory / "forget_perturbed.jsonl")

@@ -273,3 +273,31 @@ def run_benchmark(model, tokenizer, name: str, data_dir, *, reference=None, batc
                         (str(reference) if not isinstance(reference, dict) else "given"),
                         "seconds": time.perf_counter() - start}
     return result
+
+
+def corpus_benchmark_metrics(model, tokenizer, corpus, *, reference_truth_ratios=None, batch_size: int = 16,
+                             mia_k: float = DEFAULT_K) -> dict:
+    """TOFU's truth ratio and forget quality, and the min-k%++ membership AUC, on the synthetic corpus.
+
+    The records are those ``export_benchmark(corpus, "tofu", ...)`` writes (paraphrased and perturbed
+    answers; holdout facts of people the model never saw), computed in memory, with no generation
+    (the cheap part of the TOFU suite, for the main job's table). ``reference_truth_ratios``: the
+    ``"forget_truth_ratios"`` of this function on a model never taught the forget set; without it
+    forget quality is None. Returns ``forget_truth_ratio`` (open-unlearning's ``forget_truth_ratio``:
+    mean of min(R, 1/R)), ``forget_quality`` (KS p-value), ``mia_min_k_plus_plus`` (AUC, forget vs
+    holdout) and the per-question ``forget_truth_ratios``.
+    """
+    from ..data.benchmark_corpus import holdout_facts, holdout_count, known_values, perturbed_facts
+
+    forget = perturbed_facts(corpus.forget, known_values(corpus), corpus.seed)
+    scorer = _Scorer(model, tokenizer, "{}", batch_size, False)
+    para_loss, pert_losses = _perturbed_losses(scorer, forget, "paraphrased_answer")
+    ratios = bm.truth_ratios(para_loss, pert_losses)
+    quality = bm.forget_quality(ratios, reference_truth_ratios) if reference_truth_ratios is not None else None
+    limit = _max_length(model, 512)
+    qa = lambda facts: encode_qa([{"question": f["question"], "answer": f["answer"]} for f in facts], tokenizer,
+                                 eos=False, max_length=limit)
+    auc = mia_aucs(model, tokenizer, qa(corpus.forget), qa(holdout_facts(corpus, holdout_count(corpus))),
+                   attacks=("min_k_plus_plus",), k=mia_k, batch_size=batch_size, pad_token_id=_pad_id(tokenizer))
+    return {"forget_truth_ratio": bm.truth_ratio_closer_to_1(ratios), "forget_quality": quality,
+            "mia_min_k_plus_plus": auc["mia_min_k_plus_plus"], "forget_truth_ratios": ratios.tolist()}

@@ -29,6 +29,9 @@ COLUMNS = [  # (key in report.json, header)
 REQUIRED = [key for key, _ in COLUMNS]
 COLUMNS[5:5] = [("relearn_gain", "relearning gain ↓"), ("finetune_gain", "fine-tuning gain ↓"),
                 ("finetune_task_acc", "task acc after fine-tuning")]
+# TOFU / MUSE measures on the corpus (eval.benchmark_suite.corpus_benchmark_metrics), beside the forget accuracy
+COLUMNS[1:1] = [("forget_truth_ratio", "truth ratio"), ("forget_quality", "forget quality ↑"),
+                ("mia_min_k_plus_plus", "min-k%++ AUC")]
 
 
 def _fmt(value) -> str:
@@ -55,7 +58,11 @@ def write_markdown(report: dict, path: Path) -> None:
              "after relearning: on the forget questions not shown to the attacker, after fine-tuning on "
              f"{cfg.get('relearn', {}).get('samples', 'k')} others; after fine-tuning: mean over the unrelated "
              "tasks of the forget accuracy at the first-quartile, median and final checkpoints (the robustness "
-             "score: lower is more robust); gains: what each attack brings back on the same questions; 8/4-bit: round-to-nearest group-wise weight quantization.", ""]
+             "score: lower is more robust); gains: what each attack brings back on the same questions; "
+             "8/4-bit: round-to-nearest group-wise weight quantization; "
+             "truth ratio: TOFU's forget truth ratio (mean of min(R, 1/R), R = P(perturbed)/P(paraphrased)); forget "
+             "quality: KS-test p-value of the forget truth ratios against a model taught without the forget set; "
+             "min-k%++ AUC: membership inference on forget vs never-seen facts (0.5: indistinguishable).", ""]
     tasks = {n: r.get("finetune") for n, r in report["methods"].items() if r.get("finetune")}
     if tasks:
         envs = sorted(next(iter(tasks.values())))

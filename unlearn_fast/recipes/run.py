@@ -21,13 +21,15 @@ import unlearn_fast as uf
 
 from ..data.corpus import build_corpus
 from ..eval.attacks import FinetuneSpec, RelearnSpec, finetune_attack, quantized_copy, relearn_attack, relearn_split
+from ..eval.benchmark_suite import corpus_benchmark_metrics
 from ..eval.metrics import answer_accuracy, encode_qa, encode_text, perplexity
 from ..eval.report import write_report
 from ..objectives.rmu import rmu_trainable
 from ..train.config import TrainConfig
 from ..train.trainer import Trainer
 from .methods import objective_settings, parse_method
-from .teach import DEFAULT_MODEL, QUICK_MODEL, TeachSpec, default_model, load_directory, smollm2_model
+from .teach import (DEFAULT_MODEL, QUICK_MODEL, TeachSpec, default_model, load_directory, retain_only_model,
+                    smollm2_model)
 
 ALL_METHODS = ("original", "ga", "npo", "npo+sam", "npo+ilu", "npo+sam+ilu", "rmu", "rmu+ilu")
 
@@ -136,13 +138,16 @@ def unlearn(model, data: Data, name: str, spec: UnlearnSpec, *, seed: int, ref_n
 ATTACKS = ("relearn", "finetune", "quant")
 
 
-def evaluate(model, data: Data, spec: RunSpec, *, seed: int, attacks=ATTACKS) -> dict:
-    """Metrics of a model and the named attacks (each on a copy; a skipped attack's figures are None)."""
+def evaluate(model, data: Data, spec: RunSpec, *, seed: int, attacks=ATTACKS, reference_truth_ratios=None) -> dict:
+    """Metrics of a model and the named attacks (each on a copy; a skipped attack's figures are None).
+    ``reference_truth_ratios``: a retain-only model's forget truth ratios (forget quality; None without)."""
     kw = dict(pad_token_id=data.pad)
     forget = answer_accuracy(model, data.forget_probe, **kw)
     row = {"forget_acc": forget["acc"], "forget_prob": forget["prob"],
            "retain_acc": answer_accuracy(model, data.retain_probe, **kw)["acc"],
            "utility_ppl": perplexity(model, data.utility, **kw)}
+    row.update(corpus_benchmark_metrics(model, data.tokenizer, data.corpus,
+                                        reference_truth_ratios=reference_truth_ratios))
     row.update(relearn_forget_acc=None, finetune_forget_acc=None, quant8_forget_acc=None, quant4_forget_acc=None)
     if "relearn" in attacks:
         row["relearn"] = relearn_attack(model, data.forget_train, data.forget_probe, spec.relearn, seed=seed, **kw)
@@ -160,6 +165,16 @@ def evaluate(model, data: Data, spec: RunSpec, *, seed: int, attacks=ATTACKS) ->
             row[f"quant{bits}_forget_acc"] = answer_accuracy(quantized_copy(model, bits, spec.quant_group),
                                                              data.forget_probe, **kw)["acc"]
     return row
+
+
+def retain_reference(choice: str, corpus, tokenizer, spec: RunSpec, *, quick: bool, seed: int, cache_dir=None):
+    """The forget truth ratios of a retain-only model (taught once, cached), the reference of forget quality;
+    None for a model of another kind (``--model smollm2`` or a directory: no retain-only twin)."""
+    if choice != "default":
+        return None
+    model, _ = retain_only_model(corpus, tokenizer, spec=QUICK_MODEL if quick else DEFAULT_MODEL,
+                                 teach_spec=spec.teach, seed=seed, cache_dir=cache_dir, progress=log)
+    return corpus_benchmark_metrics(model, tokenizer, corpus)["forget_truth_ratios"]
 
 
 def _attacks(text: str) -> tuple[str, ...]:
@@ -222,6 +237,17 @@ def build_eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lm-eval-tasks", default=None,
                         help="comma-separated lm-evaluation-harness tasks (e.g. wmdp_bio,mmlu); needs lm_eval "
                              "and the task data available locally")
+    parser.add_argument("--lm-eval-include", default=None, metavar="DIR",
+                        help="a directory of lm-evaluation-harness task YAML files (local tasks for --lm-eval-tasks)")
+    parser.add_argument("--benchmark", default=None, metavar="tofu|muse|wmdp",
+                        help="run the whole suite of this benchmark on --data; metrics in OUTPUT/eval.json")
+    parser.add_argument("--data", default=None, metavar="DIR", help="the benchmark's files (see data/benchmarks.py)")
+    parser.add_argument("--reference", default=None, metavar="EVAL.JSON",
+                        help="eval.json of a retain-only (retrained) model: forget quality and PrivLeak")
+    parser.add_argument("--batch-size", type=int, default=16, help="evaluation batch size (--benchmark)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="generation length (--benchmark; default open-unlearning's: TOFU 200, KnowMem 32, "
+                             "VerbMem 128)")
     return parser
 
 
@@ -278,6 +304,10 @@ def run_main(argv: list[str] | None = None) -> int:
                                              cache_dir=args.cache_dir)
     timings["model"] = time.perf_counter() - start
     data = Data(corpus, tokenizer)
+    t0 = time.perf_counter()
+    reference = retain_reference(args.model, corpus, tokenizer, spec, quick=args.quick, seed=args.seed,
+                                 cache_dir=args.cache_dir)
+    timings["retain_only_model"] = time.perf_counter() - t0
     ref_nll = uf.reference_nll(base, data.forget_train, pad_token_id=data.pad)  # once: NPO's θ_ref term
     results = {}
     for i, name in enumerate(methods, 1):
@@ -287,7 +317,7 @@ def run_main(argv: list[str] | None = None) -> int:
         terms = unlearn(model, data, name, spec.unlearn, seed=args.seed, ref_nll=ref_nll) if name != "original" else {}
         seconds = time.perf_counter() - t0
         log(f"[{i}/{len(methods)}] {name}: evaluating and attacking ...")
-        row = evaluate(model, data, spec, seed=args.seed, attacks=attacks)
+        row = evaluate(model, data, spec, seed=args.seed, attacks=attacks, reference_truth_ratios=reference)
         row.update(seconds=seconds, attack_seconds=time.perf_counter() - t0 - seconds,
                    last_step={k: v for k, v in terms.items() if isinstance(v, float)})
         results[name] = row

@@ -21,7 +21,7 @@ import importlib.util
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -98,11 +98,13 @@ def teach(model, tokenizer, corpus: Corpus, spec: TeachSpec, *, seed: int = 0, p
     def on_step(step, metrics):
         if step % spec.eval_every != 0 and step != spec.max_steps:
             return False
-        f = answer_accuracy(model, probe_forget, pad_token_id=pad)["acc"]
+        # a corpus without forget facts (the retain-only reference model) is judged on the retain ones
+        f = answer_accuracy(model, probe_forget, pad_token_id=pad)["acc"] if probe_forget else None
         r = answer_accuracy(model, probe_retain, pad_token_id=pad)["acc"]
         state.update(steps=step, loss=metrics["loss"], forget_acc=f, retain_acc=r)
-        progress(f"  teach step {step}: loss {metrics['loss']:.3f} forget acc {f:.3f} retain acc {r:.3f}")
-        return step >= spec.min_steps and min(f, r) >= spec.target
+        progress(f"  teach step {step}: loss {metrics['loss']:.3f} forget acc {'-' if f is None else f'{f:.3f}'} "
+                 f"retain acc {r:.3f}")
+        return step >= spec.min_steps and min(r, r if f is None else f) >= spec.target
 
     Trainer(model, tokenizer, config, data=stream, output_dir=None, progress=False, on_step=on_step).train()
     state["seconds"] = time.perf_counter() - start
@@ -141,6 +143,25 @@ def default_model(corpus: Corpus, *, spec: ModelSpec = DEFAULT_MODEL, teach_spec
     info.update(teach(model, tokenizer, corpus, teach_spec, seed=seed, progress=progress))
     _save(model, tokenizer, directory, info)
     return model, tokenizer, {**info, "cached": False, "path": str(directory)}
+
+
+def retain_only_model(corpus: Corpus, tokenizer, *, spec: ModelSpec = DEFAULT_MODEL,
+                      teach_spec: TeachSpec = TeachSpec(), seed: int = 0, cache_dir=None, progress=print):
+    """(model, info): the default architecture taught everything of ``corpus`` except the forget facts, with
+    the default model's ``tokenizer`` (TOFU's retain model, the reference of forget quality); cached like
+    the default model."""
+    key = _key(TEACHING, "retain-only", asdict(spec), asdict(teach_spec), seed, tokenizer.vocab, corpus.retain,
+               corpus.general_train, corpus.envs)
+    directory = Path(cache_dir or cache_root()) / f"retain-only-{key}"
+    if (directory / "model.safetensors").exists():
+        model, _ = load_directory(directory)
+        progress(f"retain-only model loaded from {directory}")
+        return model, {**json.loads((directory / "teach.json").read_text()), "cached": True, "path": str(directory)}
+    progress(f"teaching the retain-only reference model ({directory}) ...")
+    model = build_model(spec, len(tokenizer), seed)
+    info = teach(model, tokenizer, replace(corpus, forget=[]), teach_spec, seed=seed, progress=progress)
+    _save(model, tokenizer, directory, info)
+    return model.eval(), {**info, "cached": False, "path": str(directory)}
 
 
 def load_directory(path):
