@@ -13,6 +13,8 @@ import re
 
 import numpy as np
 
+from .metrics import lcs_length
+
 EPS = 1e-10  # open-unlearning's guard in every ratio
 
 
@@ -166,17 +168,6 @@ def rouge_tokens(text: str, *, stemmer: bool = False) -> list[str]:
             raise ImportError("ROUGE with the Porter stemmer needs the rouge_score package") from exc
         return DefaultTokenizer(use_stemmer=True).tokenize(text)
     return [t for t in re.split(r"\s+", re.sub(r"[^a-z0-9]+", " ", text.lower())) if t]
-
-
-def lcs_length(a, b) -> int:
-    """Length of the longest common subsequence of two sequences (dynamic programme, O(len(a)·len(b)))."""
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
 
 
 def rouge_l(prediction: str, target: str, *, stemmer: bool = False) -> dict:
