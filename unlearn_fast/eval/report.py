@@ -12,11 +12,13 @@ COLUMNS = [  # (key in report.json, header)
     ("finetune_forget_acc", "after fine-tuning ↓"),
     ("quant8_forget_acc", "8-bit ↓"),
     ("quant4_forget_acc", "4-bit ↓"),
+    ("embed_forget_acc", "embedding attack ↓"),
     ("seconds", "unlearning s"),
 ]
 REQUIRED = [key for key, _ in COLUMNS]
 COLUMNS[5:5] = [("relearn_gain", "relearning gain ↓"), ("finetune_gain", "fine-tuning gain ↓"),
                 ("finetune_task_acc", "task acc after fine-tuning")]
+COLUMNS.insert(-1, ("embed_gain", "embedding gain ↓"))
 
 
 def _fmt(value) -> str:
@@ -43,7 +45,9 @@ def write_markdown(report: dict, path: Path) -> None:
              "after relearning: on the forget questions not shown to the attacker, after fine-tuning on "
              f"{cfg.get('relearn', {}).get('samples', 'k')} others; after fine-tuning: mean over the unrelated "
              "tasks of the forget accuracy at the first-quartile, median and final checkpoints (the robustness "
-             "score: lower is more robust); gains: what each attack brings back on the same questions; 8/4-bit: round-to-nearest group-wise weight quantization.", ""]
+             "score: lower is more robust); gains: what each attack brings back on the same questions; 8/4-bit: round-to-nearest group-wise weight quantization; embedding attack: "
+             "on the same unseen questions, with a universal prompt-embedding perturbation fitted on the relearning "
+             "samples (weights unchanged).", ""]
     tasks = {n: r.get("finetune") for n, r in report["methods"].items() if r.get("finetune")}
     if tasks:
         envs = sorted(next(iter(tasks.values())))

@@ -1,6 +1,6 @@
 """The main job (``unlearn-fast run``): build or load the default model, unlearn the forget set with
-each method through the Trainer (in memory), attack every result three ways (relearning, downstream
-fine-tuning, quantization) and write report.json, report.md and robustness.png.
+each method through the Trainer (in memory), attack every result four ways (relearning, downstream
+fine-tuning, quantization, an embedding-space attack) and write report.json, report.md and robustness.png.
 
 The command-line pieces shared with ``unlearn-fast eval`` (recipes/eval.py) live here too.
 """
@@ -21,6 +21,7 @@ import unlearn_fast as uf
 
 from ..data.corpus import build_corpus
 from ..eval.attacks import FinetuneSpec, RelearnSpec, finetune_attack, quantized_copy, relearn_attack, relearn_split
+from ..eval.embed_attack import EmbedAttackSpec, embed_attack
 from ..eval.metrics import answer_accuracy, encode_qa, encode_text, perplexity
 from ..eval.report import write_report
 from ..objectives.rmu import rmu_trainable
@@ -29,7 +30,7 @@ from ..train.trainer import Trainer
 from .methods import objective_settings, parse_method
 from .teach import DEFAULT_MODEL, QUICK_MODEL, TeachSpec, default_model, load_directory, smollm2_model
 
-ALL_METHODS = ("original", "ga", "npo", "npo+sam", "npo+ilu", "npo+sam+ilu", "rmu")
+ALL_METHODS = ("original", "ga", "npo", "npo+sam", "npo+ilu", "npo+sam+ilu", "npo+adv", "rmu")
 
 
 @dataclass
@@ -49,6 +50,13 @@ class UnlearnSpec:
     # for its own scale)
     rmu_steering: float = 300.0
     rmu_alpha: float = 3.0
+    # +adv (C-AdvUL): ε relative to the mean embedding-row norm as in the public code. A signed step moves a
+    # token by step·√H; on the default model (H 128, radius 0.030) the public 10 × 1e-4 reach 0.37 of the
+    # radius and lower an NPO-unlearned model's forget CE 6.48 → 5.83, 10 × 1e-3 reach the boundary and lower
+    # it to 4.50 (3e-3: 4.48, 1e-2: 4.61; bench/adv_step_size.py)
+    adv_eps: float = 0.05
+    adv_steps: int = 10
+    adv_step_size: float = 1e-3
 
 
 @dataclass
@@ -60,6 +68,7 @@ class RunSpec:
     relearn: RelearnSpec = field(default_factory=RelearnSpec)
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
     quant_group: int = 32
+    embed: EmbedAttackSpec = field(default_factory=EmbedAttackSpec)
 
 
 def quick_spec() -> RunSpec:
@@ -95,7 +104,8 @@ class Data:
 def method_config(name: str, spec: UnlearnSpec, num_layers: int, seed: int) -> tuple[uf.UnlearnConfig, float]:
     """The UnlearnConfig and learning rate of a method name such as 'npo+sam+ilu'."""
     method = parse_method(name)
-    kw = dict(objective_settings(method, sam_rho=spec.sam_rho, irm_weight=spec.irm_weight), seed=seed)
+    kw = dict(objective_settings(method, sam_rho=spec.sam_rho, irm_weight=spec.irm_weight, adv_eps=spec.adv_eps,
+                                 adv_steps=spec.adv_steps, adv_step_size=spec.adv_step_size), seed=seed)
     lr = spec.lr
     if method.base == "ga":
         lr = spec.ga_lr
@@ -133,7 +143,7 @@ def unlearn(model, data: Data, name: str, spec: UnlearnSpec, *, seed: int, ref_n
 
 
 # ---------------------------------------------------------------- evaluation
-ATTACKS = ("relearn", "finetune", "quant")
+ATTACKS = ("relearn", "finetune", "quant", "embed")
 
 
 def evaluate(model, data: Data, spec: RunSpec, *, seed: int, attacks=ATTACKS) -> dict:
@@ -143,7 +153,8 @@ def evaluate(model, data: Data, spec: RunSpec, *, seed: int, attacks=ATTACKS) ->
     row = {"forget_acc": forget["acc"], "forget_prob": forget["prob"],
            "retain_acc": answer_accuracy(model, data.retain_probe, **kw)["acc"],
            "utility_ppl": perplexity(model, data.utility, **kw)}
-    row.update(relearn_forget_acc=None, finetune_forget_acc=None, quant8_forget_acc=None, quant4_forget_acc=None)
+    row.update(relearn_forget_acc=None, finetune_forget_acc=None, quant8_forget_acc=None, quant4_forget_acc=None,
+               embed_forget_acc=None)
     if "relearn" in attacks:
         row["relearn"] = relearn_attack(model, data.forget_train, data.forget_probe, spec.relearn, seed=seed, **kw)
         row["relearn_forget_acc"] = row["relearn"]["forget_acc"]
@@ -159,6 +170,12 @@ def evaluate(model, data: Data, spec: RunSpec, *, seed: int, attacks=ATTACKS) ->
         for bits in (8, 4):
             row[f"quant{bits}_forget_acc"] = answer_accuracy(quantized_copy(model, bits, spec.quant_group),
                                                              data.forget_probe, **kw)["acc"]
+    if "embed" in attacks:  # a universal δ fitted on the relearning attacker's samples, scored on the others
+        t0 = time.perf_counter()
+        row["embed"] = embed_attack(model, data.forget_train, data.forget_probe,
+                                    replace(spec.embed, samples=spec.relearn.samples), seed=seed, **kw)
+        row["embed"]["seconds"] = time.perf_counter() - t0
+        row["embed_forget_acc"], row["embed_gain"] = row["embed"]["forget_acc"], row["embed"]["gain"]
     return row
 
 
@@ -200,7 +217,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated attacks to run (default: {','.join(ATTACKS)}; 'none' for metrics only)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a setting, e.g. --set unlearn.irm_weight=0.3 --set relearn.lr=3e-3 "
-                             "(sections: teach, unlearn, relearn, finetune)")
+                             "(sections: teach, unlearn, relearn, finetune, embed)")
 
 
 def build_run_parser() -> argparse.ArgumentParser:
@@ -246,7 +263,7 @@ def apply_override(spec: RunSpec, item: str) -> RunSpec:
     section, _, name = key.strip().partition(".")
     sub = getattr(spec, section, None) if sep else None
     if sub is None or not hasattr(sub, "__dataclass_fields__") or name not in sub.__dataclass_fields__:
-        raise ValueError(f"--set expects SECTION.FIELD=VALUE with SECTION in teach, unlearn, relearn, finetune and "
+        raise ValueError(f"--set expects SECTION.FIELD=VALUE with SECTION in teach, unlearn, relearn, finetune, embed and "
                          f"FIELD one of its settings, got {item!r}")
     kind = type(getattr(sub, name))
     try:
@@ -294,6 +311,7 @@ def run_main(argv: list[str] | None = None) -> int:
         log(f"[{i}/{len(methods)}] {name}: forget {row['forget_acc']:.3f} retain {row['retain_acc']:.3f} "
             f"ppl {row['utility_ppl']:.2f} | relearn {_f(row['relearn_forget_acc'])} finetune "
             f"{_f(row['finetune_forget_acc'])} q8 {_f(row['quant8_forget_acc'])} q4 {_f(row['quant4_forget_acc'])} "
+            f"embed {_f(row['embed_forget_acc'])} "
             f"({seconds:.1f} s + {row['attack_seconds']:.1f} s attacks)")
         timings[name] = time.perf_counter() - t0
         del model
