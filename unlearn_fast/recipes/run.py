@@ -78,7 +78,7 @@ def quick_spec() -> RunSpec:
                                    eval_every=20),
                    unlearn=UnlearnSpec(steps=3, batch_size=4, env_batch_size=4),
                    relearn=RelearnSpec(samples=4, steps=2, eval_every=1, batch_size=2),
-                   finetune=FinetuneSpec(steps=4, eval_every=2, batch_size=4))
+                   finetune=FinetuneSpec(steps=4, eval_every=2, batch_size=4), embed=EmbedAttackSpec(steps=10))
 
 
 def log(msg: str) -> None:
