@@ -53,7 +53,7 @@ class UnlearnSpec:
     # +adv (C-AdvUL): ε relative to the mean embedding-row norm as in the public code. A signed step moves a
     # token by step·√H; on the default model (H 128, radius 0.030) the public 10 × 1e-4 reach 0.37 of the
     # radius and lower an NPO-unlearned model's forget CE 6.48 → 5.83, 10 × 1e-3 reach the boundary and lower
-    # it to 4.50 (3e-3: 4.48, 1e-2: 4.61; bench/adv_step_size.py)
+    # it to 4.50 (3e-4: 4.57, 3e-3: 4.48, 1e-2: 4.61; bench/adv_step_size.py)
     adv_eps: float = 0.05
     adv_steps: int = 10
     adv_step_size: float = 1e-3
