@@ -102,6 +102,44 @@ def loadavg():
         return None
 
 
+def attack_and_fwd_bwd(model, forget, *, attack_steps=10, eps=0.05, step_size=1e-4):
+    """The two calls whose times make the per-attack-step fraction: ``attack()`` (one ``uf.embedding_attack``
+    of ``attack_steps`` steps on the forget batch) and ``fwd_bwd()`` (the full forget forward+backward of the
+    same batch: GA's CE, parameter gradients, dropped afterwards so that none is live at the next call)."""
+    import unlearn_fast as uf
+    from unlearn_fast.objectives.lm import lm_parts
+    from unlearn_fast.objectives.losses import forget_loss
+
+    parts, ga = lm_parts(model), uf.UnlearnConfig(method="ga")
+
+    def attack():
+        uf.embedding_attack(model, forget["input_ids"], forget["labels"], attention_mask=forget["attention_mask"],
+                            eps=eps, steps=attack_steps, step_size=step_size)
+
+    def fwd_bwd():
+        loss, _ = forget_loss(parts, forget, ga)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return attack, fwd_bwd
+
+
+def attack_step_fraction(model, forget, device, *, attack_steps=10, repeat=3) -> dict:
+    """Median wall / process-CPU time of one attack step and of a full forget forward+backward, measured
+    interleaved (a load change hits both alike), and their ratios (SPEC §1.5 target: <= 0.75)."""
+    attack, fwd_bwd = attack_and_fwd_bwd(model, forget, attack_steps=attack_steps)
+    attack(), fwd_bwd()  # warm-up
+    runs = {"attack": [], "fwd_bwd": []}
+    for _ in range(repeat):
+        runs["attack"].append(timed(attack, device, 1))
+        runs["fwd_bwd"].append(timed(fwd_bwd, device, 1))
+    med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in runs.items()}
+    return {"attack_step_s": med["attack"][0] / attack_steps, "attack_step_cpu_s": med["attack"][1] / attack_steps,
+            "forget_fwd_bwd_s": med["fwd_bwd"][0], "forget_fwd_bwd_cpu_s": med["fwd_bwd"][1],
+            "attack_step_over_fwd_bwd": med["attack"][0] / attack_steps / med["fwd_bwd"][0],
+            "attack_step_over_fwd_bwd_cpu": med["attack"][1] / attack_steps / med["fwd_bwd"][1]}
+
+
 def main(argv=None):
     import unlearn_fast as uf
     from unlearn_fast.objectives.lm import lm_parts
@@ -132,15 +170,8 @@ def main(argv=None):
     param_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     load_before = loadavg()
 
-    def attack():
-        uf.embedding_attack(model, forget["input_ids"], forget["labels"], attention_mask=forget["attention_mask"],
-                            eps=0.05, steps=args.attack_steps, step_size=1e-4)
-
     # The gradients are dropped after each call, so that none is live when the next call's peak is measured.
-    def fwd_bwd():
-        loss, _ = forget_loss(parts, forget, ga)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
+    attack, fwd_bwd = attack_and_fwd_bwd(model, forget, attack_steps=args.attack_steps)
 
     def step(config):
         def run():

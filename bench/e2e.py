@@ -1,7 +1,8 @@
 """End-to-end unlearning steps, unlearn_fast against the reference approach, side by side.
 
 Methods: npo (forget NPO + retain CE), npo_ilu (+ ILU logit penalty, one
-environment), npo_sam (SAM on the forget loss), npo_sam_ilu, rmu. Each runs in
+environment), npo_sam (SAM on the forget loss), npo_sam_ilu, rmu, npo_adv (C-AdvUL: the forget loss at
+embedding-attacked prompts; ours only, with the attack's per-step cost). Each runs in
 up to three implementations — ``ours`` (``uf.unlearning_gradients``; NPO reads the
 reference NLL cached once by ``uf.reference_nll``: no reference model),
 ``ref`` (``bench/reference_unlearn.py``: the public code's approach) and, for
@@ -43,9 +44,11 @@ from unlearn_fast.recipes.methods import objective_settings, parse_method  # noq
 from _common import (RESULTS_DIR, PeakMemory, environment, ratios_of, run_variants, sync, worker_report,  # noqa: E402
                      write_results)
 
-METHODS = ["npo", "npo_ilu", "npo_sam", "npo_sam_ilu", "rmu"]
+METHODS = ["npo", "npo_ilu", "npo_sam", "npo_sam_ilu", "rmu", "npo_adv"]
 IMPLS = ["ours", "ref", "plain"]
-ALL_VARIANTS = [f"{impl}_{m}" for m in METHODS for impl in IMPLS if not (impl == "plain" and m == "rmu")]
+OURS_ONLY = ("npo_adv",)  # the reference code has no embedding attack
+ALL_VARIANTS = [f"{impl}_{m}" for m in METHODS for impl in IMPLS
+                if not (impl == "plain" and m == "rmu") and not (impl != "ours" and m in OURS_ONLY)]
 
 # Llama shapes (random init from the config: no hub access). quick/tiny are CPU shapes.
 SHAPES = {
@@ -59,7 +62,8 @@ SHAPES = {
                tie=False, dtype="bfloat16", rmu_layer=7),
 }
 HPARAMS = dict(beta=0.1, forget_weight=1.0, retain_weight=1.0, sam_rho=0.01, irm_weight=1.0, lr=5e-6,
-               rmu_steering=6.5, rmu_alpha=1200.0, rmu_lr=5e-5, seed=0)
+               rmu_steering=6.5, rmu_alpha=1200.0, rmu_lr=5e-5, seed=0,
+               adv_eps=0.05, adv_steps=10, adv_step_size=1e-4)  # C-AdvUL: the public code's attack
 PROMPT = 8  # label -100 on the first tokens of every sequence (the "question")
 
 
@@ -121,7 +125,8 @@ def ours_stepper(model, method, forget_batches):
                                   rmu_alpha=hp["rmu_alpha"], seed=hp["seed"], compat="reference")
     else:
         config = uf.UnlearnConfig(
-            **objective_settings(parse_method(method), sam_rho=hp["sam_rho"], irm_weight=hp["irm_weight"]),
+            **objective_settings(parse_method(method), sam_rho=hp["sam_rho"], irm_weight=hp["irm_weight"],
+                                 adv_eps=hp["adv_eps"], adv_steps=hp["adv_steps"], adv_step_size=hp["adv_step_size"]),
             beta=hp["beta"], forget_weight=hp["forget_weight"], retain_weight=hp["retain_weight"])
         # NPO's reference NLL: once, before training, from the start model (SPEC §1.1)
         for batch in forget_batches:
@@ -210,6 +215,12 @@ def worker(variant: str, shape: dict, steps: int, warmup: int, device: torch.dev
         fits = True
     except torch.OutOfMemoryError:
         fits = False
+    attack_cost = {}
+    if fits and parse_method(method).adv:  # after the peak: one attack step against a full forget fwd+bwd
+        from bench_embedding_attack import attack_step_fraction
+
+        attack_cost = attack_step_fraction(model, forget[0], device, attack_steps=HPARAMS["adv_steps"],
+                                           repeat=max(steps, 3))
     tokens = sum(int(b["attention_mask"].sum()) for b in (forget[0], retain[0]))
     if parse_method(method).ilu:
         tokens += int(env[0]["attention_mask"].sum())
@@ -227,7 +238,7 @@ def worker(variant: str, shape: dict, steps: int, warmup: int, device: torch.dev
                   median_cpu_s=statistics.median(cpu_times),
                   peak_extra_mb=mem.extra / 2**20, peak_total_mb=(base + mem.extra) / 2**20,
                   training_state_mb=state_bytes / 2**20, peak_method_mb=(mem.extra - state_bytes) / 2**20,
-                  model_mb=param_bytes / 2**20, first_loss=first_loss, fits=True)
+                  model_mb=param_bytes / 2**20, first_loss=first_loss, fits=True, **attack_cost)
 
 
 # -- driver ---------------------------------------------------------------------------------------
@@ -255,16 +266,29 @@ def summarise(results: dict) -> tuple[dict, dict]:
         "plain_over_ours_time_sam": ("plain_npo_sam", "ours_npo_sam", "median_step_s"),
         "plain_over_ours_time_sam_ilu": ("plain_npo_sam_ilu", "ours_npo_sam_ilu", "median_step_s"),
         "plain_over_ours_method_memory_sam_ilu": ("plain_npo_sam_ilu", "ours_npo_sam_ilu", "peak_method_mb"),
+        "adv_over_npo": ("ours_npo_adv", "ours_npo", "median_step_s"),
+        "adv_over_npo_memory": ("ours_npo_adv", "ours_npo", "peak_extra_mb"),
     }
     ratios = ratios_of(results, pairs)
+    adv = results.get("ours_npo_adv", {})
+    if "attack_step_over_fwd_bwd" in adv:  # measured in the npo_adv worker (bench_embedding_attack's timing)
+        ratios["attack_step_over_fwd_bwd"] = adv["attack_step_over_fwd_bwd"]
+    npo_peak = results.get("ours_npo", {}).get("peak_extra_mb")
+    if adv.get("peak_extra_mb") is not None and npo_peak is not None:
+        # what the attack adds to the step's peak, in units of the parameters' size (no weight-gradient buffer)
+        ratios["adv_extra_peak_over_params"] = (adv["peak_extra_mb"] - npo_peak) / adv["model_mb"]
     # The same time ratios from process CPU time: on a shared CPU machine (one intra-op thread) this is
     # what a step costs, whatever else the machine runs; wall-clock ratios there carry the load's noise.
     cpu_ratios = {f"{k}_cpu": r for k, r in ratios_of(
         results, {k: (a, b, "median_cpu_s") for k, (a, b, key) in pairs.items() if key == "median_step_s"}).items()}
+    if "attack_step_over_fwd_bwd_cpu" in adv:
+        cpu_ratios["attack_step_over_fwd_bwd_cpu"] = adv["attack_step_over_fwd_bwd_cpu"]
     limits = {"ilu_over_npo <= 1.4": ("ilu_over_npo", lambda r: r <= 1.4),
               "sam_over_npo <= 1.5": ("sam_over_npo", lambda r: r <= 1.5),
               "ref_over_ours_time >= 2": ("ref_over_ours_time", lambda r: r >= 2.0),
-              "ref_over_ours_method_memory >= 2.5": ("ref_over_ours_method_memory", lambda r: r >= 2.5)}
+              "ref_over_ours_method_memory >= 2.5": ("ref_over_ours_method_memory", lambda r: r >= 2.5),
+              "attack_step_over_fwd_bwd <= 0.75": ("attack_step_over_fwd_bwd", lambda r: r <= 0.75),
+              "adv_extra_peak_over_params < 1": ("adv_extra_peak_over_params", lambda r: r < 1.0)}
     targets = {name: ok(ratios[key]) for name, (key, ok) in limits.items() if key in ratios}
     targets |= {f"{name} (cpu time)": ok(cpu_ratios[key + "_cpu"]) for name, (key, ok) in limits.items()
                 if key + "_cpu" in cpu_ratios}

@@ -102,7 +102,7 @@ def test_preset_run_and_resume_match_an_uninterrupted_run(tmp_path):
     assert (tmp_path / "full" / "final" / "config.json").exists()
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "npo_sam_ilu.yaml"])
+@pytest.mark.parametrize("name", ["tiny.yaml", "npo_sam_ilu.yaml", "npo_adv.yaml"])
 def test_shipped_configs_load_and_run(name, tmp_path):
     assert main(["train", str(REPO / "configs" / name), "--output", str(tmp_path), *SMALL,
                  "--set", "max_steps=1", "--set", "grad_accum=1"]) == 0
@@ -110,6 +110,10 @@ def test_shipped_configs_load_and_run(name, tmp_path):
     assert metrics["step"] == 1
     if name == "npo_sam_ilu.yaml":
         assert metrics["sam_norm"] > 0 and metrics["irm_penalty"] >= 0
+    if name == "npo_adv.yaml":
+        # step 1 is at the reference weights, so the clean forget NLL equals the cached reference (npo_delta 0);
+        # the attacked prompts bring the answers closer: the NLL at them is lower (measured -0.023)
+        assert metrics["npo_delta"] < -1e-3
 
 
 def test_python_m_entry_point_exits_2_without_traceback(tmp_path):

@@ -66,6 +66,19 @@ def test_e2e_summarise_targets():
                        "ref_over_ours_time >= 2": True, "ref_over_ours_method_memory >= 2.5": True}
 
 
+def test_e2e_summarise_adv():
+    e2e = _e2e()
+    results = {"ours_npo": {"median_step_s": 1.0, "median_cpu_s": 0.5, "peak_extra_mb": 100.0},
+               "ours_npo_adv": {"median_step_s": 4.0, "median_cpu_s": 2.5, "peak_extra_mb": 110.0, "model_mb": 40.0,
+                                "attack_step_over_fwd_bwd": 0.8, "attack_step_over_fwd_bwd_cpu": 0.7}}
+    ratios, targets = e2e.summarise(results)
+    assert ratios["adv_over_npo"] == 4.0 and ratios["adv_over_npo_cpu"] == 5.0
+    assert ratios["attack_step_over_fwd_bwd"] == 0.8 and ratios["attack_step_over_fwd_bwd_cpu"] == 0.7
+    assert ratios["adv_extra_peak_over_params"] == 0.25  # (110 - 100) / 40
+    assert targets == {"attack_step_over_fwd_bwd <= 0.75": False, "adv_extra_peak_over_params < 1": True,
+                       "attack_step_over_fwd_bwd <= 0.75 (cpu time)": True}
+
+
 def test_e2e_rejects_unknown_variant():
     import pytest
 

@@ -24,11 +24,13 @@ COLUMNS = [  # (key in report.json, header)
     ("finetune_forget_acc", "after fine-tuning ↓"),
     ("quant8_forget_acc", "8-bit ↓"),
     ("quant4_forget_acc", "4-bit ↓"),
+    ("embed_forget_acc", "embedding attack ↓"),
     ("seconds", "unlearning s"),
 ]
 REQUIRED = [key for key, _ in COLUMNS]
 COLUMNS[5:5] = [("relearn_gain", "relearning gain ↓"), ("finetune_gain", "fine-tuning gain ↓"),
                 ("finetune_task_acc", "task acc after fine-tuning")]
+COLUMNS.insert(-1, ("embed_gain", "embedding gain ↓"))
 # TOFU / MUSE measures on the corpus (eval.benchmark_suite.corpus_benchmark_metrics), beside the forget accuracy
 COLUMNS[1:1] = [("forget_truth_ratio", "truth ratio"), ("forget_quality", "forget quality ↑"),
                 ("mia_min_k_plus_plus", "min-k%++ AUC")]
@@ -62,7 +64,9 @@ def write_markdown(report: dict, path: Path) -> None:
              "8/4-bit: round-to-nearest group-wise weight quantization; "
              "truth ratio: TOFU's forget truth ratio (mean of min(R, 1/R), R = P(perturbed)/P(paraphrased)); forget "
              "quality: KS-test p-value of the forget truth ratios against a model taught without the forget set; "
-             "min-k%++ AUC: membership inference on forget vs never-seen facts (0.5: indistinguishable).", ""]
+             "min-k%++ AUC: membership inference on forget vs never-seen facts (0.5: indistinguishable); "
+             "embedding attack: on the relearning attack's unseen questions, with a universal prompt-embedding "
+             "perturbation fitted on its samples (weights unchanged).", ""]
     tasks = {n: r.get("finetune") for n, r in report["methods"].items() if r.get("finetune")}
     if tasks:
         envs = sorted(next(iter(tasks.values())))

@@ -1,6 +1,6 @@
 """The main job (``unlearn-fast run``): build or load the default model, unlearn the forget set with
-each method through the Trainer (in memory), attack every result three ways (relearning, downstream
-fine-tuning, quantization) and write report.json, report.md and robustness.png.
+each method through the Trainer (in memory), attack every result four ways (relearning, downstream
+fine-tuning, quantization, an embedding-space attack) and write report.json, report.md and robustness.png.
 
 The command-line pieces shared with ``unlearn-fast eval`` (recipes/eval.py) live here too.
 """
@@ -21,6 +21,7 @@ import unlearn_fast as uf
 
 from ..data.corpus import build_corpus
 from ..eval.attacks import FinetuneSpec, RelearnSpec, finetune_attack, quantized_copy, relearn_attack, relearn_split
+from ..eval.embed_attack import EmbedAttackSpec, embed_attack
 from ..eval.benchmark_suite import corpus_benchmark_metrics
 from ..eval.metrics import answer_accuracy, encode_qa, encode_text, perplexity
 from ..eval.report import write_report
@@ -31,7 +32,7 @@ from .methods import objective_settings, parse_method
 from .teach import (DEFAULT_MODEL, QUICK_MODEL, TeachSpec, default_model, load_directory, retain_only_model,
                     smollm2_model)
 
-ALL_METHODS = ("original", "ga", "npo", "npo+sam", "npo+ilu", "npo+sam+ilu", "rmu", "rmu+ilu")
+ALL_METHODS = ("original", "ga", "npo", "npo+sam", "npo+ilu", "npo+sam+ilu", "npo+adv", "rmu", "rmu+ilu")
 
 
 @dataclass
@@ -51,6 +52,13 @@ class UnlearnSpec:
     # for its own scale)
     rmu_steering: float = 300.0
     rmu_alpha: float = 3.0
+    # +adv (C-AdvUL): ε relative to the mean embedding-row norm as in the public code. A signed step moves a
+    # token by step·√H; on the default model (H 128, radius 0.030) the public 10 × 1e-4 reach 0.37 of the
+    # radius and lower an NPO-unlearned model's forget CE 6.48 → 5.83, 10 × 1e-3 reach the boundary and lower
+    # it to 4.50 (3e-4: 4.57, 3e-3: 4.48, 1e-2: 4.61; bench/adv_step_size.py)
+    adv_eps: float = 0.05
+    adv_steps: int = 10
+    adv_step_size: float = 1e-3
 
 
 @dataclass
@@ -62,6 +70,7 @@ class RunSpec:
     relearn: RelearnSpec = field(default_factory=RelearnSpec)
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
     quant_group: int = 32
+    embed: EmbedAttackSpec = field(default_factory=EmbedAttackSpec)
 
 
 def quick_spec() -> RunSpec:
@@ -71,7 +80,7 @@ def quick_spec() -> RunSpec:
                                    eval_every=20),
                    unlearn=UnlearnSpec(steps=3, batch_size=4, env_batch_size=4),
                    relearn=RelearnSpec(samples=4, steps=2, eval_every=1, batch_size=2),
-                   finetune=FinetuneSpec(steps=4, eval_every=2, batch_size=4))
+                   finetune=FinetuneSpec(steps=4, eval_every=2, batch_size=4), embed=EmbedAttackSpec(steps=10))
 
 
 def log(msg: str) -> None:
@@ -97,7 +106,8 @@ class Data:
 def method_config(name: str, spec: UnlearnSpec, num_layers: int, seed: int) -> tuple[uf.UnlearnConfig, float]:
     """The UnlearnConfig and learning rate of a method name such as 'npo+sam+ilu'."""
     method = parse_method(name)
-    kw = dict(objective_settings(method, sam_rho=spec.sam_rho, irm_weight=spec.irm_weight), seed=seed)
+    kw = dict(objective_settings(method, sam_rho=spec.sam_rho, irm_weight=spec.irm_weight, adv_eps=spec.adv_eps,
+                                 adv_steps=spec.adv_steps, adv_step_size=spec.adv_step_size), seed=seed)
     lr = spec.lr
     if method.base == "ga":
         lr = spec.ga_lr
@@ -135,7 +145,7 @@ def unlearn(model, data: Data, name: str, spec: UnlearnSpec, *, seed: int, ref_n
 
 
 # ---------------------------------------------------------------- evaluation
-ATTACKS = ("relearn", "finetune", "quant")
+ATTACKS = ("relearn", "finetune", "quant", "embed")
 
 
 def evaluate(model, data: Data, spec: RunSpec, *, seed: int, attacks=ATTACKS, reference_truth_ratios=None) -> dict:
@@ -148,7 +158,8 @@ def evaluate(model, data: Data, spec: RunSpec, *, seed: int, attacks=ATTACKS, re
            "utility_ppl": perplexity(model, data.utility, **kw)}
     row.update(corpus_benchmark_metrics(model, data.tokenizer, data.corpus,
                                         reference_truth_ratios=reference_truth_ratios))
-    row.update(relearn_forget_acc=None, finetune_forget_acc=None, quant8_forget_acc=None, quant4_forget_acc=None)
+    row.update(relearn_forget_acc=None, finetune_forget_acc=None, quant8_forget_acc=None, quant4_forget_acc=None,
+               embed_forget_acc=None)
     if "relearn" in attacks:
         row["relearn"] = relearn_attack(model, data.forget_train, data.forget_probe, spec.relearn, seed=seed, **kw)
         row["relearn_forget_acc"] = row["relearn"]["forget_acc"]
@@ -164,6 +175,12 @@ def evaluate(model, data: Data, spec: RunSpec, *, seed: int, attacks=ATTACKS, re
         for bits in (8, 4):
             row[f"quant{bits}_forget_acc"] = answer_accuracy(quantized_copy(model, bits, spec.quant_group),
                                                              data.forget_probe, **kw)["acc"]
+    if "embed" in attacks:  # a universal δ fitted on the relearning attacker's samples, scored on the others
+        t0 = time.perf_counter()
+        row["embed"] = embed_attack(model, data.forget_train, data.forget_probe,
+                                    replace(spec.embed, samples=spec.relearn.samples), seed=seed, **kw)
+        row["embed"]["seconds"] = time.perf_counter() - t0
+        row["embed_forget_acc"], row["embed_gain"] = row["embed"]["forget_acc"], row["embed"]["gain"]
     return row
 
 
@@ -215,7 +232,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated attacks to run (default: {','.join(ATTACKS)}; 'none' for metrics only)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a setting, e.g. --set unlearn.irm_weight=0.3 --set relearn.lr=3e-3 "
-                             "(sections: teach, unlearn, relearn, finetune)")
+                             "(sections: teach, unlearn, relearn, finetune, embed)")
 
 
 def build_run_parser() -> argparse.ArgumentParser:
@@ -272,7 +289,7 @@ def apply_override(spec: RunSpec, item: str) -> RunSpec:
     section, _, name = key.strip().partition(".")
     sub = getattr(spec, section, None) if sep else None
     if sub is None or not hasattr(sub, "__dataclass_fields__") or name not in sub.__dataclass_fields__:
-        raise ValueError(f"--set expects SECTION.FIELD=VALUE with SECTION in teach, unlearn, relearn, finetune and "
+        raise ValueError(f"--set expects SECTION.FIELD=VALUE with SECTION in teach, unlearn, relearn, finetune, embed and "
                          f"FIELD one of its settings, got {item!r}")
     kind = type(getattr(sub, name))
     try:
@@ -324,6 +341,7 @@ def run_main(argv: list[str] | None = None) -> int:
         log(f"[{i}/{len(methods)}] {name}: forget {row['forget_acc']:.3f} retain {row['retain_acc']:.3f} "
             f"ppl {row['utility_ppl']:.2f} | relearn {_f(row['relearn_forget_acc'])} finetune "
             f"{_f(row['finetune_forget_acc'])} q8 {_f(row['quant8_forget_acc'])} q4 {_f(row['quant4_forget_acc'])} "
+            f"embed {_f(row['embed_forget_acc'])} "
             f"({seconds:.1f} s + {row['attack_seconds']:.1f} s attacks)")
         timings[name] = time.perf_counter() - t0
         del model
