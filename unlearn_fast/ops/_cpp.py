@@ -158,7 +158,7 @@ def _build():
     if missing:
         raise RuntimeError("missing " + " and ".join(missing))
     src = source_dir()
-    sources = [src / "multi_tensor.cpp"] + ([src / "multi_tensor_cuda.cu"] if cuda else [])
+    sources = [src / "multi_tensor.cpp", src / "linear_ce_rows.cpp"] + ([src / "multi_tensor_cuda.cu"] if cuda else [])
     for s in sources:
         if not s.exists():
             raise RuntimeError(f"source file {s} not found (is the package installed with its csrc data?)")
