@@ -98,7 +98,7 @@ def _run_ops(seed, dtype):
     y[::7] = -100
     env = torch.randint(0, envs, (n,), generator=g)
     out = []
-    for op in ("ce", "ce_none", "irm", "penalty", "penalty_unbiased"):
+    for op in ("ce", "ce_none", "irm", "penalty", "penalty_unbiased", "sequence"):
         for t in (h, w, bias):
             t.grad = None
         kw = dict(linear_bias=bias, backend="torch", chunk_size=16)
@@ -109,6 +109,10 @@ def _run_ops(seed, dtype):
         elif op == "irm":
             res = uf.ops.linear_cross_entropy_irm(h, w, y, env, num_envs=envs, **kw)
             loss = res.env_loss.sum() + 3 * res.penalty
+        elif op == "sequence":  # NPO-like φ of whole rows (the per-row slope comes between the two row-op calls)
+            rows_h, rows_y = h[:60].view(4, 15, hdim), y[:60].view(4, 15)
+            loss = uf.ops.sequence_loss(rows_h, w, rows_y, lambda nll, ids: nll.log1p() * (ids + 1),
+                                        **kw).loss
         else:
             loss = uf.ops.irm_penalty(h, w, y, env, num_envs=envs, unbiased=op.endswith("unbiased"), **kw).penalty
         loss.backward()

@@ -326,6 +326,7 @@ def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, c
     d_w = torch.zeros(vocab, hidden, dtype=compute, device=h.device)
     d_b = torch.zeros(vocab, dtype=compute, device=h.device) if bias is not None else None
     z_buf = torch.empty(min(budget, n), vocab, dtype=compute, device=h.device)
+    kernel = row_kernel(h.device, compute)
     s0 = r0 = 0
     while s0 < len(sizes):
         s1, r1 = s0 + 1, r0 + sizes[s0]  # whole sequences, as many as the workspace holds
@@ -337,11 +338,15 @@ def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, c
         z = z_buf[: r1 - r0]
         logits_into(z, hc, w, bvec)
         y = target[r].unsqueeze(1)
-        zy = z.gather(1, y).squeeze(1)
-        shift = z.amax(dim=1, keepdim=True)
-        e = z.sub_(shift).exp_()  # z's storage now holds exp(z − max)
-        sums = e.sum(dim=1)
-        ce = shift.squeeze(1) + sums.log() - zy
+        if kernel is not None:  # statistics now; d z after φ' by a second call that knows lse
+            chunk_lse, zy, _ = kernel(z, target[r].long().contiguous(), None, False, None, None, None, None)
+            ce = chunk_lse - zy
+        else:
+            zy = z.gather(1, y).squeeze(1)
+            shift = z.amax(dim=1, keepdim=True)
+            e = z.sub_(shift).exp_()  # z's storage now holds exp(z − max)
+            sums = e.sum(dim=1)
+            ce = shift.squeeze(1) + sums.log() - zy
         local = torch.repeat_interleave(torch.arange(s1 - s0, device=h.device), lengths[s0:s1])
         chunk_nll = torch.zeros(s1 - s0, dtype=compute, device=h.device).index_add_(0, local, ce)
         nll[s0:s1] = chunk_nll
@@ -353,8 +358,13 @@ def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, c
         total += phi.detach()
         # d z = φ'(nll_s) · (p − onehot) on the sequence's tokens
         coeff = slope.to(compute)[local]
-        dz = e.mul_((coeff / sums).unsqueeze(1))
-        dz.scatter_add_(1, y, -coeff.unsqueeze(1))
+        if kernel is not None:
+            coeff = coeff.contiguous()
+            kernel(z, target[r].long().contiguous(), chunk_lse, False, coeff, None, None, coeff)
+            dz = z
+        else:
+            dz = e.mul_((coeff / sums).unsqueeze(1))
+            dz.scatter_add_(1, y, -coeff.unsqueeze(1))
         if d_b is not None:
             d_b += dz.sum(0)
         dz = dz.to(mm)
