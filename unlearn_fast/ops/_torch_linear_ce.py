@@ -19,6 +19,12 @@ recompute-in-backward pass knows lse already, so it may walk blocks of the vocab
 instead: each block's rows of d weight are then written once, and only the smaller
 d input [N, H] is accumulated. Token chunks re-read and re-write the whole [V, H]
 d weight once per chunk, so the vocabulary walk moves less memory whenever N < V.
+
+On the CPU the row work of a block (max, Σ exp, E_p[z], d z) is one call of the compiled row op
+``ce_rows_`` (csrc/linear_ce_rows.cpp) when the extension is built: each row is processed while it is
+in cache instead of 5-9 torch elementwise passes over the whole block, and one block of workspace
+suffices. Without it (UNLEARN_FAST_CE_ROWS=0, UNLEARN_FAST_NO_CPP=1, no compiler, CUDA tensors) the
+same formulas run as torch ops.
 """
 from __future__ import annotations
 
