@@ -357,6 +357,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU: intra-op threads per worker (default 1: oversubscribed threads on a shared "
                              "machine make medians meaningless)")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved runs of the variant list (median)")
     parser.add_argument("--json", default=None, help="results path (default bench/results/e2e-<device>-<date>.json)")
     parser.add_argument("--note", default=None, help="a remark stored with the results (e.g. machine load)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
@@ -386,13 +387,15 @@ def main(argv=None):
     worker_args = ["--shape", json.dumps(shape), "--steps", str(steps), "--warmup", str(warmup),
                    "--device", device.type, "--threads", str(threads)]
     loads = {}
-    results = run_variants(__file__, variants, worker_args, timeout=3600, loads=loads)
+    results = run_variants(__file__, variants, worker_args, timeout=3600, loads=loads, rounds=args.rounds)
     ratios, targets = summarise(results)
     env = environment(device)
     command = "python bench/e2e.py " + (f"--model-size {size}" if size not in ("quick",) else "--quick")
     if args.variants:
         command += f" --variants {args.variants}"
     command += f" --steps {steps} --warmup {warmup}" + ("" if on_gpu else f" --threads {threads}")
+    if args.rounds != 1:
+        command += f" --rounds {args.rounds}"
     payload = {
         "environment": env,
         "command": command,

@@ -1,5 +1,8 @@
 """Build and load the compiled multi-tensor ops (csrc/) with ninja through torch.utils.cpp_extension.
 
+The same extension carries the CPU row op of the chunked linear CE (csrc/linear_ce_rows.cpp, used by
+ops/_torch_linear_ce.py).
+
 The extension is compiled at first use into ~/.cache/unlearn_fast/<hash>/ (the hash covers the
 sources, the torch version, the compiler and the flags, so an edit, an upgrade or another machine
 rebuilds) and loaded from there afterwards. The build runs on the machine that uses it, so the CPU
@@ -158,7 +161,7 @@ def _build():
     if missing:
         raise RuntimeError("missing " + " and ".join(missing))
     src = source_dir()
-    sources = [src / "multi_tensor.cpp"] + ([src / "multi_tensor_cuda.cu"] if cuda else [])
+    sources = [src / "multi_tensor.cpp", src / "linear_ce_rows.cpp"] + ([src / "multi_tensor_cuda.cu"] if cuda else [])
     for s in sources:
         if not s.exists():
             raise RuntimeError(f"source file {s} not found (is the package installed with its csrc data?)")

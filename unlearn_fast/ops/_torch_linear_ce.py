@@ -19,9 +19,16 @@ recompute-in-backward pass knows lse already, so it may walk blocks of the vocab
 instead: each block's rows of d weight are then written once, and only the smaller
 d input [N, H] is accumulated. Token chunks re-read and re-write the whole [V, H]
 d weight once per chunk, so the vocabulary walk moves less memory whenever N < V.
+
+On the CPU the row work of a block (max, Σ exp, E_p[z], d z) is one call of the compiled row op
+``ce_rows_`` (csrc/linear_ce_rows.cpp) when the extension is built: each row is processed while it is
+in cache instead of 5-9 torch elementwise passes over the whole block, and one block of workspace
+suffices. Without it (UNLEARN_FAST_CE_ROWS=0, UNLEARN_FAST_NO_CPP=1, no compiler, CUDA tensors) the
+same formulas run as torch ops.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,11 +57,36 @@ def logits_into(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: 
 
 @dataclass
 class Coeffs:
-    """Per-token gradient coefficients of d z = a p + b p⊙z − c onehot (fp32 [N]); b may be None (zero)."""
+    """Per-token gradient coefficients of d z = a p + b p⊙z − c onehot (fp32 [N]); b may be None (zero).
+
+    ``a_ez`` (optional) adds a_ez · E_p[z] to a, E_p[z] being the token's own statistic of the same pass
+    (the IRMv1 inner term's gradient needs it before it is known).
+    """
 
     a: torch.Tensor
     b: torch.Tensor | None
     c: torch.Tensor
+    a_ez: torch.Tensor | None = None
+
+
+# The compiled row op (csrc/linear_ce_rows.cpp) does a logits block's softmax statistics and d z in one
+# pass per row while the row is in cache; UNLEARN_FAST_CE_ROWS=0 (or no compiled extension) keeps the torch ops.
+use_row_kernel = os.environ.get("UNLEARN_FAST_CE_ROWS", "1") != "0"
+
+
+def row_kernel(device: torch.device, dtype: torch.dtype):
+    """``torch.ops.unlearn_fast.ce_rows_`` when it can process logits blocks of this device and dtype, else None."""
+    if not use_row_kernel or device.type != "cpu" or dtype not in (torch.float32, torch.float64):
+        return None
+    from . import _cpp
+
+    if not _cpp.available():
+        return None
+    return _cpp.ops().ce_rows_
+
+
+def _vec(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if x is None else x.to(dtype).contiguous()
 
 
 def chunked_pass(
@@ -90,9 +122,13 @@ def chunked_pass(
     """
     n, hidden = h.shape
     vocab = weight.shape[0]
-    two_blocks = want_ez or callable(coeffs) or (coeffs is not None and coeffs.b is not None)
-    chunk = chunk or default_chunk(n, vocab, 2 if two_blocks else 1)
+    if isinstance(coeffs, Coeffs) and coeffs.a_ez is not None and not want_ez:
+        raise ValueError("coeffs.a_ez needs want_ez=True (the pass must form E_p[z])")
     compute = torch.float64 if h.dtype == torch.float64 else torch.float32
+    # the compiled row op needs one block whatever the coefficients (the torch ops two for E_p[z] or p⊙z)
+    kernel = row_kernel(h.device, compute) if not callable(coeffs) else None
+    two_blocks = kernel is None and (want_ez or callable(coeffs) or (coeffs is not None and coeffs.b is not None))
+    chunk = chunk or default_chunk(n, vocab, 2 if two_blocks else 1)
     mm = matmul or matmul_dtype(h.dtype, h.device)
     w = weight.to(mm)  # no copy on CUDA for bf16: W is never upcast
     bvec = bias.to(compute) if bias is not None else None
@@ -116,6 +152,18 @@ def chunked_pass(
         hc = h[rows].to(mm)
         z = z_buf[: hc.shape[0]]
         logits_into(z, hc, w, bvec)
+        keep = valid[rows]
+        if kernel is not None:
+            grads_here = _rows_by_kernel(kernel, z, safe_target[rows], lse, coeffs, rows, want_ez, compute,
+                                         out_lse, out_zy, out_ez, keep)
+            if grads_here:
+                if d_b is not None:
+                    d_b += z.sum(0)
+                dz = z.to(mm)
+                mm_into(d_h[rows], dz, w)
+                if d_w is not None:
+                    mm_into(d_w, dz.T, hc, accumulate=start != 0)
+            continue
         y = safe_target[rows].unsqueeze(1)
         zy = z.gather(1, y).squeeze(1)
         if lse is None:
@@ -131,7 +179,6 @@ def chunked_pass(
         else:
             chunk_lse = shift.squeeze(1)
             inv_total = torch.ones_like(chunk_lse)
-        keep = valid[rows]
         out_lse[rows] = torch.where(keep, chunk_lse, 0)
         out_zy[rows] = torch.where(keep, zy, 0)
         if want_ez:
@@ -148,6 +195,8 @@ def chunked_pass(
             cf = Coeffs(*(torch.where(keep, v, 0) if v is not None else None for v in (cf.a, cf.b, cf.c)))
         else:
             cf = Coeffs(coeffs.a[rows], coeffs.b[rows] if coeffs.b is not None else None, coeffs.c[rows])
+            if coeffs.a_ez is not None:
+                cf.a = cf.a + coeffs.a_ez[rows] * out_ez[rows]
         a = (cf.a.to(compute) * inv_total).unsqueeze(1)
         if cf.b is not None:
             # dz = p (a + b z) = (a e + b e z) / total, built in e's storage
@@ -171,6 +220,25 @@ def chunked_pass(
     return stats, (d_h, d_w, d_b)
 
 
+def _rows_by_kernel(kernel, z, target, lse, coeffs, rows, want_ez, compute, out_lse, out_zy, out_ez, keep) -> bool:
+    """One chunk's statistics (into out_*) and, with ``coeffs``, d z in z's storage, by the compiled row op.
+
+    Returns True when z now holds d z."""
+    shift = _vec(lse[rows], compute) if lse is not None else None
+    grad = coeffs is not None
+    a_ez = coeffs.a_ez if grad else None
+    ez_needed = (want_ez and lse is None) or a_ez is not None
+    args = ((_vec(coeffs.a[rows], compute), _vec(a_ez[rows] if a_ez is not None else None, compute),
+             _vec(coeffs.b[rows] if coeffs.b is not None else None, compute), _vec(coeffs.c[rows], compute))
+            if grad else (None, None, None, None))
+    chunk_lse, zy, ez = kernel(z, target.long().contiguous(), shift, ez_needed, *args)
+    out_lse[rows] = torch.where(keep, chunk_lse, 0)
+    out_zy[rows] = torch.where(keep, zy, 0)
+    if want_ez and lse is None:
+        out_ez[rows] = torch.where(keep, ez, 0)
+    return grad
+
+
 def backward_by_vocab(
     h: torch.Tensor,
     weight: torch.Tensor,
@@ -190,8 +258,9 @@ def backward_by_vocab(
     """
     n, hidden = h.shape
     vocab = weight.shape[0]
-    two_blocks = coeffs.b is not None
     compute = torch.float64 if h.dtype == torch.float64 else torch.float32
+    kernel = row_kernel(h.device, compute)
+    two_blocks = coeffs.b is not None and kernel is None
     block = block or max(1, _WORKSPACE_ELEMS // ((2 if two_blocks else 1) * max(n, 1)))
     block = min(block, vocab)
     mm = matmul or matmul_dtype(h.dtype, h.device)
@@ -205,6 +274,9 @@ def backward_by_vocab(
     b = coeffs.b.to(compute).unsqueeze(1) if two_blocks else None
     rows = valid.nonzero().squeeze(1)
     rows_target, rows_c = target[rows], coeffs.c.to(compute)[rows]
+    # the row op's per-row vectors (c zero on ignored tokens: their p is 0 through lse = +inf)
+    shift_vec, a_vec, c_vec = _vec(lse, compute), _vec(coeffs.a, compute), _vec(torch.where(valid, coeffs.c, 0), compute)
+    b_vec = _vec(coeffs.b, compute)
     z_flat = torch.empty(n * block, dtype=compute, device=h.device)
     e_flat = torch.empty_like(z_flat) if two_blocks else None
     for start in range(0, vocab, block):
@@ -212,13 +284,19 @@ def backward_by_vocab(
         w_block = w[start:stop]
         z = z_flat[: n * (stop - start)].view(n, stop - start)
         logits_into(z, hc, w_block, bias[start:stop].to(compute) if bias is not None else None)
-        if two_blocks:
+        if kernel is not None:
+            in_block = valid & (target >= start) & (target < stop)
+            local = torch.where(in_block, target - start, -1).long()
+            kernel(z, local, shift_vec, False, a_vec, None, b_vec, c_vec)
+            dz = z
+        elif coeffs.b is not None:
             p = torch.sub(z, shift, out=e_flat[: z.numel()].view_as(z)).exp_()
             dz = torch.addcmul(a, z, b, out=z).mul_(p)  # p (a + b z), in z's storage
         else:
             dz = z.sub_(shift).exp_().mul_(a)
-        here = (rows_target >= start) & (rows_target < stop)
-        dz.index_put_((rows[here], rows_target[here] - start), -rows_c[here], accumulate=True)
+        if kernel is None:
+            here = (rows_target >= start) & (rows_target < stop)
+            dz.index_put_((rows[here], rows_target[here] - start), -rows_c[here], accumulate=True)
         if d_b is not None:
             torch.sum(dz, 0, out=d_b[start:stop])
         dz = dz.to(mm)
@@ -254,6 +332,7 @@ def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, c
     d_w = torch.zeros(vocab, hidden, dtype=compute, device=h.device)
     d_b = torch.zeros(vocab, dtype=compute, device=h.device) if bias is not None else None
     z_buf = torch.empty(min(budget, n), vocab, dtype=compute, device=h.device)
+    kernel = row_kernel(h.device, compute)
     s0 = r0 = 0
     while s0 < len(sizes):
         s1, r1 = s0 + 1, r0 + sizes[s0]  # whole sequences, as many as the workspace holds
@@ -265,11 +344,15 @@ def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, c
         z = z_buf[: r1 - r0]
         logits_into(z, hc, w, bvec)
         y = target[r].unsqueeze(1)
-        zy = z.gather(1, y).squeeze(1)
-        shift = z.amax(dim=1, keepdim=True)
-        e = z.sub_(shift).exp_()  # z's storage now holds exp(z − max)
-        sums = e.sum(dim=1)
-        ce = shift.squeeze(1) + sums.log() - zy
+        if kernel is not None:  # statistics now; d z after φ' by a second call that knows lse
+            chunk_lse, zy, _ = kernel(z, target[r].long().contiguous(), None, False, None, None, None, None)
+            ce = chunk_lse - zy
+        else:
+            zy = z.gather(1, y).squeeze(1)
+            shift = z.amax(dim=1, keepdim=True)
+            e = z.sub_(shift).exp_()  # z's storage now holds exp(z − max)
+            sums = e.sum(dim=1)
+            ce = shift.squeeze(1) + sums.log() - zy
         local = torch.repeat_interleave(torch.arange(s1 - s0, device=h.device), lengths[s0:s1])
         chunk_nll = torch.zeros(s1 - s0, dtype=compute, device=h.device).index_add_(0, local, ce)
         nll[s0:s1] = chunk_nll
@@ -281,8 +364,13 @@ def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, c
         total += phi.detach()
         # d z = φ'(nll_s) · (p − onehot) on the sequence's tokens
         coeff = slope.to(compute)[local]
-        dz = e.mul_((coeff / sums).unsqueeze(1))
-        dz.scatter_add_(1, y, -coeff.unsqueeze(1))
+        if kernel is not None:
+            coeff = coeff.contiguous()
+            kernel(z, target[r].long().contiguous(), chunk_lse, False, coeff, None, None, coeff)
+            dz = z
+        else:
+            dz = e.mul_((coeff / sums).unsqueeze(1))
+            dz.scatter_add_(1, y, -coeff.unsqueeze(1))
         if d_b is not None:
             d_b += dz.sum(0)
         dz = dz.to(mm)
@@ -326,9 +414,9 @@ def irm_penalty_pass(h, weight, bias, target, env, half, num_envs: int, *, chunk
                 continue
             scale = 1.0 / count
 
-            def unit(lse, zy, ez, scale=scale):  # ∂s_k/∂z = scale · (p (1 − ez + z) − onehot)
-                return Coeffs((1 - ez) * scale, torch.full_like(ez, scale), torch.full_like(ez, scale))
-
+            # ∂s_k/∂z = scale · (p (1 − ez + z) − onehot): a = scale − scale · ez, b = c = scale
+            full = torch.full((count,), scale, dtype=compute, device=h.device)
+            unit = Coeffs(full, full, full, a_ez=-full)
             valid = torch.ones(count, dtype=torch.bool, device=h.device)
             (lse, zy, ez), grads = chunked_pass(h[rows], weight, bias, target[rows], valid, coeffs=unit, chunk=chunk,
                                                 d_weight_out=spare.pop() if spare else None)
