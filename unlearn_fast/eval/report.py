@@ -141,7 +141,10 @@ SEED_COLUMNS = [  # (metric, header) of the interval table
     ("utility_ppl", "held-out ppl ↓"), ("relearn_forget_acc", "after relearning ↓"),
     ("finetune_forget_acc", "after fine-tuning ↓"), ("relearn_gain", "relearning gain ↓"),
     ("finetune_gain", "fine-tuning gain ↓"), ("quant8_forget_acc", "8-bit ↓"), ("quant4_forget_acc", "4-bit ↓"),
-    ("seconds", "unlearning s"),
+    ("seconds", "unlearning s"), ("steps", "steps"),
+    # TOFU / MUSE measures on the corpus (issue 18): shown when the rows have them
+    ("forget_truth_ratio", "truth ratio"), ("forget_quality", "forget quality ↑"),
+    ("mia_min_k_plus_plus", "min-k%++ AUC"),
 ]
 
 
@@ -215,11 +218,14 @@ def _interval_cell(summary: dict | None) -> str:
 
 
 def seeds_table(methods: dict) -> str:
-    """The markdown table: mean [95% interval] of each metric for each method."""
-    lines = ["| method | " + " | ".join(h for _, h in SEED_COLUMNS) + " |",
-             "|---|" + "---:|" * len(SEED_COLUMNS)]
+    """The markdown table: mean [95% interval] of each metric for each method (a column no method has is left
+    out)."""
+    columns = [(k, h) for k, h in SEED_COLUMNS
+               if any((m.get(k) or {}).get("mean") is not None for m in methods.values())]
+    lines = ["| method | " + " | ".join(h for _, h in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
     for name, metrics in methods.items():
-        lines.append(f"| {name} | " + " | ".join(_interval_cell(metrics.get(k)) for k, _ in SEED_COLUMNS) + " |")
+        lines.append(f"| {name} | " + " | ".join(_interval_cell(metrics.get(k)) for k, _ in columns) + " |")
     return "\n".join(lines)
 
 
