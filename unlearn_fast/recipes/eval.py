@@ -70,11 +70,8 @@ def eval_main(argv: list[str] | None = None) -> int:
         return _fail(problem)
     if not (Path(args.checkpoint) / "config.json").is_file():
         return _fail(f"--checkpoint {args.checkpoint}: not a model directory (no config.json)")
-    try:
+    try:  # an unknown --set field or attack, a bad --threads: one line, before the model is read
         spec = _setup(args, args.checkpoint)  # threads: every core for a large checkpoint
-    except ValueError as exc:  # an unknown --set field, a bad --threads
-        return _fail(exc)
-    try:
         attacks = _attacks(args.attacks)
     except ValueError as exc:
         return _fail(exc)
