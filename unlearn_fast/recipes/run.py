@@ -140,7 +140,8 @@ def base_spec(choice: str, quick: bool) -> RunSpec:
     profile = model_profile(choice)
     teach = (profile.quick_teach if quick else profile.teach) or spec.teach
     return replace(spec, teach=teach, unlearn=replace(spec.unlearn, **profile.unlearn),
-                   relearn=replace(spec.relearn, **profile.relearn), finetune=replace(spec.finetune, **profile.finetune))
+                   relearn=replace(spec.relearn, **profile.relearn),
+                   finetune=replace(spec.finetune, **profile.finetune))
 
 
 def default_threads(choice: str) -> int:
