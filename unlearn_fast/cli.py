@@ -63,6 +63,12 @@ def read_train_config(args):
     if args.resume and args.output and Path(args.resume) != Path(args.output):
         raise ConfigError("--resume DIR already names the output directory; drop --output or make them equal")
     output = Path(args.resume or args.output or Path("runs") / name)
+    if config.model == "smollm2":  # the package's GGUF, converted once into the cache (no hub connection)
+        import dataclasses
+
+        from .recipes.teach import smollm2_directory
+
+        config = dataclasses.replace(config, model=str(smollm2_directory(progress=lambda m: print(m, file=sys.stderr))))
     return config, output
 
 

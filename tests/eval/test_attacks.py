@@ -112,3 +112,22 @@ def test_finetune_attack_learns_the_task_and_reports_quartiles(taught):
     assert sorted(result["checkpoints"]) == [3, 6, 12]
     assert result["forget_acc"] == pytest.approx(sum(result["checkpoints"].values()) / 3)
     assert result["task_acc"] >= result["task_acc_before"] + 0.2
+
+
+def test_relearning_over_draws_is_the_mean_of_the_single_draws(taught):
+    """Each draw d is relearn_attack at seed + 1000·d (its own shown samples); the figures are their means."""
+    from unlearn_fast.eval.attacks import relearn_over_draws
+
+    model, data = taught
+    spec = RelearnSpec(samples=6, steps=2, eval_every=1, batch_size=2, draws=3)
+    single = [relearn_attack(model, data.forget_train, data.forget_probe, spec, seed=7 + 1000 * d,
+                             pad_token_id=data.pad) for d in range(3)]
+    got = relearn_over_draws(model, data.forget_train, data.forget_probe, spec, seed=7, pad_token_id=data.pad)
+    assert got["forget_acc"] == pytest.approx(sum(r["forget_acc"] for r in single) / 3)
+    assert got["gain"] == pytest.approx(sum(r["curve"][-1][1] - r["curve"][0][1] for r in single) / 3)
+    assert [s for s, _ in got["curve"]] == [0, 1, 2]
+    for i, (_, acc) in enumerate(got["curve"]):
+        assert acc == pytest.approx(sum(r["curve"][i][1] for r in single) / 3)
+    assert [r["curve"] for r in got["draws"]] == [r["curve"] for r in single]
+    with pytest.raises(ValueError, match="draws"):
+        relearn_over_draws(model, data.forget_train, data.forget_probe, RelearnSpec(draws=0))

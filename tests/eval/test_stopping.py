@@ -59,3 +59,49 @@ def test_bad_arguments_are_named(setup):
             ForgetLevelStop(probe, **kw)
     with pytest.raises(ValueError, match="probe"):
         ForgetLevelStop([], 0.1)
+
+
+def _scripted(monkeypatch, value_at):
+    """answer_accuracy replaced by a scripted forget probability per step (the step is read from the stop)."""
+    import unlearn_fast.eval.stopping as stopping
+
+    state = {}
+    monkeypatch.setattr(stopping, "answer_accuracy", lambda model, probe, **kw: {"prob": value_at(state["step"]),
+                                                                                 "acc": 0.0})
+    return state
+
+
+def _drive(stop, state, last=300):
+    for step in range(1, last + 1):
+        state["step"] = step
+        if stop(None, step):
+            return step
+    return None
+
+
+def test_adaptive_checks_thin_out_far_from_the_target_and_stop_at_the_crossing(monkeypatch):
+    state = _scripted(monkeypatch, lambda s: 1.0 - 0.01 * s)  # linear: first at or below 0.5 at step 50
+    stop = ForgetLevelStop([{"input_ids": [1]}], 0.5, adaptive=True, max_skip=10)
+    assert _drive(stop, state) == 50 == stop.stopped_at
+    steps = [s for s, _ in stop.history]
+    assert len(steps) < 15 and steps[:2] == [1, 2] and steps[-3:] == [48, 49, 50]  # every step near the target
+    assert all(0 < b - a <= 10 for a, b in zip(steps, steps[1:]))
+    assert all(v > 0.5 for _, v in stop.history[:-1])
+    every = ForgetLevelStop([{"input_ids": [1]}], 0.5)  # the plain rule checks all 50
+    assert _drive(every, state) == 50 and len(every.history) == 50
+
+
+def test_adaptive_overshoot_on_a_sudden_drop_is_at_most_one_skip(monkeypatch):
+    state = _scripted(monkeypatch, lambda s: 0.9 - 0.001 * s if s < 30 else 0.1)
+    stop = ForgetLevelStop([{"input_ids": [1]}], 0.5, adaptive=True, max_skip=7)
+    stopped = _drive(stop, state)
+    assert 30 <= stopped < 30 + 7 and stop.history[-1] == (stopped, 0.1)
+    with pytest.raises(ValueError, match="max_skip"):
+        ForgetLevelStop([{"input_ids": [1]}], 0.5, every=3, max_skip=2)
+
+
+def test_adaptive_checks_every_step_within_near_of_the_target(monkeypatch):
+    # a slow average rate would predict many steps left, but the value sits within `near` of the target
+    state = _scripted(monkeypatch, lambda s: 0.525 - 0.0001 * s if s < 50 else 0.49)
+    stop = ForgetLevelStop([{"input_ids": [1]}], 0.5, adaptive=True, max_skip=10, near=0.03)
+    assert _drive(stop, state) == 50 and len(stop.history) == 50

@@ -2,65 +2,99 @@ import json
 
 import pytest
 
-from unlearn_fast.eval.report import REQUIRED
+from unlearn_fast.eval.report import METRICS
 from unlearn_fast.recipes.eval import eval_main
-from unlearn_fast.recipes.run import _attacks, apply_override, build_eval_parser, build_run_parser, quick_spec, run_main
+from unlearn_fast.recipes.run import (_attacks, apply_override, build_eval_parser, build_run_parser, parse_seeds,
+                                     quick_spec, run_main)
 
 
-def test_quick_end_to_end_run_and_eval(tmp_path):
+def test_quick_end_to_end_run_over_two_seeds_and_eval(tmp_path):
     out, cache = tmp_path / "run", tmp_path / "cache"
-    methods = ["original", "ga", "npo+sam+ilu", "npo+adv", "rmu"]
-    assert run_main(["--quick", "--output", str(out), "--cache-dir", str(cache), "--methods", ",".join(methods)]) == 0
+    methods = ["original", "ga", "npo", "npo+sam+ilu", "npo+adv", "rmu", "rmu+ilu"]
+    assert run_main(["--quick", "--seeds", "0,1", "--output", str(out), "--cache-dir", str(cache),
+                     "--methods", ",".join(methods), "--forget-quality", "all",
+                     "--attacks", "relearn,finetune,quant,embed"]) == 0
     for name in ("report.json", "report.md", "robustness.png"):
         assert (out / name).stat().st_size > 0
     report = json.loads((out / "report.json").read_text())
-    assert list(report["methods"]) == methods
-    for name, row in report["methods"].items():
-        for key in REQUIRED:
-            assert isinstance(row[key], (int, float)), (name, key)
-        assert 0 <= row["forget_acc"] <= 1 and row["utility_ppl"] > 1
-        assert set(row["finetune"]) == {"arithmetic", "sentiment", "paraphrase"}
-        # the embedding attack (a default attack): scored on the relearning attack's unseen questions, so its
-        # accuracy without δ is the relearning curve's start, measured by another path (metrics.answer_accuracy)
-        embed = row["embed"]
-        assert embed["scored"] == report["config"]["relearn_scored"] and embed["samples"] == 4
-        assert embed["forget_acc_before"] == pytest.approx(row["relearn"]["curve"][0][1])
-        assert row["embed_gain"] == pytest.approx(row["embed_forget_acc"] - embed["forget_acc_before"])
-        assert 0 < embed["delta_norm"] <= embed["radius"] * (1 + 1e-5)
-        for key in ("forget_truth_ratio", "forget_quality", "mia_min_k_plus_plus"):  # the benchmark columns
-            assert 0 <= row[key] <= 1, (name, key)
-    assert next(cache.glob("retain-only-*")).is_dir()  # forget quality's reference: taught once, cached
-    assert report["timings"]["retain_only_model"] > 0
-    assert {"config", "versions", "timings"} <= set(report)
+    assert report["seeds"] == [0, 1] and list(report["methods"]) == methods
+    rows = report["rows"]  # seed -> method -> the per-seed row the metric objects summarise
+    assert set(rows) == {"0", "1"}
+    for name, metrics in report["methods"].items():
+        for key in METRICS:  # the issue's metric objects, each checked against the per-seed rows by hand
+            m = metrics[key]
+            assert set(m) >= {"mean", "ci_low", "ci_high", "per_seed"}, (name, key)
+            assert m["per_seed"] == [rows[s][name][key] for s in ("0", "1")], (name, key)
+            assert m["mean"] == pytest.approx(sum(m["per_seed"]) / 2)
+            assert m["ci_low"] <= m["mean"] <= m["ci_high"]
+        for s in ("0", "1"):
+            row = rows[s][name]
+            assert 0 <= row["forget_acc"] <= 1 and row["utility_ppl"] > 1
+            assert set(row["finetune"]) == {"arithmetic", "sentiment", "paraphrase"}
+            assert len(row["relearn"]["draws"]) == 2  # quick: 2 attacker draws, averaged
+            assert row["relearn_forget_acc"] == pytest.approx(sum(d["forget_acc"] for d in row["relearn"]["draws"]) / 2)
+            for key in ("forget_truth_ratio", "forget_quality", "mia_min_k_plus_plus"):  # the benchmark columns
+                assert 0 <= row[key] <= 1, (name, key)
+            # the embedding attack (a default attack): scored on the first relearning draw's unseen questions, so its
+            # accuracy without δ is that draw's curve start, measured by another path (metrics.answer_accuracy)
+            embed = row["embed"]
+            assert embed["scored"] == row["relearn"]["scored"] and embed["samples"] == 4
+            assert embed["forget_acc_before"] == pytest.approx(row["relearn"]["draws"][0]["curve"][0][1])
+            assert row["embed_gain"] == pytest.approx(row["embed_forget_acc"] - embed["forget_acc_before"])
+            assert 0 < embed["delta_norm"] <= embed["radius"] * (1 + 1e-5)
+    assert set(report["comparisons"]) == {"npo+sam+ilu vs npo", "rmu+ilu vs rmu"}
+    for title, metrics in report["comparisons"].items():
+        variant, _, base = title.partition(" vs ")
+        for key in METRICS:
+            d = metrics[key]
+            assert set(d) >= {"mean_diff", "ci_low", "ci_high", "p"}
+            diffs = [rows[s][variant][key] - rows[s][base][key] for s in ("0", "1")]
+            assert d["mean_diff"] == pytest.approx(sum(diffs) / 2, abs=1e-12)
+    assert len(list(cache.glob("retain-only-*"))) == 2  # forget quality's reference: one per seed, cached
+    assert len(list(cache.glob("default-*"))) == 2  # one taught model per seed (its own corpus split)
+    assert set(report["timings"]["per_seed"]) == {"0", "1"} and report["timings"]["total"] > 0
+    assert {"config", "versions", "timings", "curves", "models"} <= set(report)
     md = (out / "report.md").read_text()
     assert all(f"| {m} |" in md for m in methods) and "embedding attack" in md
-    assert report["methods"]["npo+adv"]["last_step"]["forget_loss"] > 0
-    assert "forget quality" in md and "min-k%++ AUC" in md
+    assert all(rows[s]["npo+adv"]["last_step"]["forget_loss"] > 0 for s in ("0", "1"))
+    assert "forget quality" in md and "min-k%++ AUC" in md and "**rmu+ilu vs rmu**" in md
+
+    # the same command again reads both seeds' models from the cache
+    again = tmp_path / "again"
+    assert run_main(["--quick", "--seeds", "0,1", "--output", str(again), "--cache-dir", str(cache),
+                     "--methods", "original", "--attacks", "none"]) == 0
+    assert json.loads((again / "report.json").read_text())["config"]["cached_models"] == 2
 
     # eval on the cached default model directory, with MUSE-style files
-    model_dir = next(cache.glob("default-*"))
+    model_dir = report["models"]["0"]["path"]  # seed 0's taught model
     (tmp_path / "km.jsonl").write_text(json.dumps({"question": "Where was X born ?", "answer": "Dunmere"}) + "\n")
     (tmp_path / "vm.jsonl").write_text(json.dumps({"prompt": "The quiet", "continuation": "river finds"}) + "\n")
     ev = tmp_path / "eval"
     assert eval_main(["--quick", "--checkpoint", str(model_dir), "--output", str(ev), "--attacks", "quant,embed",
                       "--knowmem", str(tmp_path / "km.jsonl"), "--verbmem", str(tmp_path / "vm.jsonl")]) == 0
     row = json.loads((ev / "report.json").read_text())["methods"]["checkpoint"]
-    assert row["forget_acc"] == pytest.approx(report["methods"]["original"]["forget_acc"])
+    assert row["forget_acc"] == pytest.approx(rows["0"]["original"]["forget_acc"])
+    assert row["seconds"] is None and row["eval_seconds"] > 0  # "unlearning s" is not the evaluation time
     assert 0 <= row["knowmem"] <= 1 and 0 <= row["verbmem_rouge_l"] <= 1
     assert row["relearn_forget_acc"] is None and row["quant4_forget_acc"] is not None
-    assert row["embed_forget_acc"] == pytest.approx(report["methods"]["original"]["embed_forget_acc"])
+    assert row["embed_forget_acc"] == pytest.approx(rows["0"]["original"]["embed_forget_acc"])
 
 
 def test_parsers_and_overrides():
     args = build_run_parser().parse_args(["--methods", "npo,rmu", "--seed", "3"])
     assert args.methods == "npo,rmu" and args.seed == 3 and args.model == "default"
+    assert parse_seeds(args) == [3]
+    assert parse_seeds(build_run_parser().parse_args([])) == [0, 1, 2, 3, 4]
+    assert parse_seeds(build_run_parser().parse_args(["--quick"])) == [0]
+    assert parse_seeds(build_run_parser().parse_args(["--seeds", "4, 7"])) == [4, 7]
+    for bad in (["--seeds", "1,x"], ["--seeds", "1,1"], ["--seed", "1", "--seeds", "2"]):
+        with pytest.raises(ValueError, match="--seed"):
+            parse_seeds(build_run_parser().parse_args(bad))
     assert build_eval_parser().parse_args(["--checkpoint", "x"]).checkpoint == "x"
     spec = apply_override(quick_spec(), "unlearn.irm_weight=0.5")
     assert spec.unlearn.irm_weight == 0.5 and quick_spec().unlearn.irm_weight != 0.5
     with pytest.raises(ValueError, match="SECTION.FIELD"):
         apply_override(quick_spec(), "unlearn.nope=1")
-    with pytest.raises(ValueError, match="unknown method"):
-        run_main(["--quick", "--methods", "npo+magic"])
     assert _attacks("relearn,embed") == ("relearn", "embed") and _attacks("none") == ()
     with pytest.raises(ValueError, match="quant, embed"):
         _attacks("embedding")

@@ -109,6 +109,7 @@ class RelearnSpec:
     lr: float = 1e-3
     batch_size: int = 4
     eval_every: int = 3
+    draws: int = 1  # attacker draws averaged by ``relearn_over_draws`` (split and attack seeds seed + 1000·d)
 
 
 def relearn_split(n: int, samples: int, seed: int) -> tuple[list[int], list[int]]:
@@ -136,6 +137,26 @@ def relearn_attack(model: nn.Module, forget_train, forget_probe, spec: RelearnSp
              seed=seed, pad_token_id=pad_token_id, callback_steps=marks,
              callback=lambda s: curve.append([s, answer_accuracy(clone, probe, pad_token_id=pad_token_id)["acc"]]))
     return {"forget_acc": curve[-1][1], "curve": curve, "samples": spec.samples, "scored": len(probe)}
+
+
+def relearn_over_draws(model: nn.Module, forget_train, forget_probe, spec: RelearnSpec, *, seed: int = 0,
+                       pad_token_id: int = 0) -> dict:
+    """``relearn_attack`` averaged over ``spec.draws`` attacker draws (draw d: which samples are shown and the
+    attack's batches seeded by ``seed + 1000·d``): one draw's figure rests on a few dozen answers, so which
+    samples the attacker happens to see moves it more than the unlearning method does.
+
+    Returns {"forget_acc", "gain" (after − before, on the same scored questions), "curve" (the mean over draws
+    at each evaluated step), "draws": [each draw's relearn_attack result]}.
+    """
+    if not isinstance(spec.draws, int) or spec.draws < 1:
+        raise ValueError(f"relearn draws must be a positive int, got {spec.draws!r}")
+    draws = [relearn_attack(model, forget_train, forget_probe, spec, seed=seed + 1000 * d, pad_token_id=pad_token_id)
+             for d in range(spec.draws)]
+    k = len(draws)
+    curve = [[step, sum(d["curve"][i][1] for d in draws) / k] for i, (step, _) in enumerate(draws[0]["curve"])]
+    return {"forget_acc": sum(d["forget_acc"] for d in draws) / k,
+            "gain": sum(d["forget_acc"] - d["curve"][0][1] for d in draws) / k,
+            "curve": curve, "draws": draws, "samples": spec.samples, "scored": draws[0]["scored"]}
 
 
 @dataclass

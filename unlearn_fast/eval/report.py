@@ -137,7 +137,7 @@ def write_report(report: dict, output) -> Path:
 
 # ---------------------------------------------------------------- several seeds
 METRICS = ("forget_acc", "forget_prob", "retain_acc", "utility_ppl", "relearn_forget_acc", "finetune_forget_acc",
-           "relearn_gain", "finetune_gain", "quant8_forget_acc", "quant4_forget_acc", "seconds")
+           "relearn_gain", "finetune_gain", "quant8_forget_acc", "quant4_forget_acc", "embed_forget_acc", "seconds")
 # (robust variant, its base): the papers' claims (SPEC §2)
 COMPARISONS = (("npo+sam", "npo"), ("npo+ilu", "npo"), ("npo+sam+ilu", "npo"), ("rmu+ilu", "rmu"))
 SEED_COLUMNS = [  # (metric, header) of the interval table
@@ -145,7 +145,11 @@ SEED_COLUMNS = [  # (metric, header) of the interval table
     ("utility_ppl", "held-out ppl ↓"), ("relearn_forget_acc", "after relearning ↓"),
     ("finetune_forget_acc", "after fine-tuning ↓"), ("relearn_gain", "relearning gain ↓"),
     ("finetune_gain", "fine-tuning gain ↓"), ("quant8_forget_acc", "8-bit ↓"), ("quant4_forget_acc", "4-bit ↓"),
-    ("seconds", "unlearning s"),
+    ("embed_forget_acc", "embedding attack ↓"), ("embed_gain", "embedding gain ↓"),
+    ("seconds", "unlearning s"), ("steps", "steps"),
+    # TOFU / MUSE measures on the corpus (issue 18): shown when the rows have them
+    ("forget_truth_ratio", "truth ratio"), ("forget_quality", "forget quality ↑"),
+    ("mia_min_k_plus_plus", "min-k%++ AUC"),
 ]
 
 
@@ -219,11 +223,14 @@ def _interval_cell(summary: dict | None) -> str:
 
 
 def seeds_table(methods: dict) -> str:
-    """The markdown table: mean [95% interval] of each metric for each method."""
-    lines = ["| method | " + " | ".join(h for _, h in SEED_COLUMNS) + " |",
-             "|---|" + "---:|" * len(SEED_COLUMNS)]
+    """The markdown table: mean [95% interval] of each metric for each method (a column no method has is left
+    out)."""
+    columns = [(k, h) for k, h in SEED_COLUMNS
+               if any((m.get(k) or {}).get("mean") is not None for m in methods.values())]
+    lines = ["| method | " + " | ".join(h for _, h in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
     for name, metrics in methods.items():
-        lines.append(f"| {name} | " + " | ".join(_interval_cell(metrics.get(k)) for k, _ in SEED_COLUMNS) + " |")
+        lines.append(f"| {name} | " + " | ".join(_interval_cell(metrics.get(k)) for k, _ in columns) + " |")
     return "\n".join(lines)
 
 

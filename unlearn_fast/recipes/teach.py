@@ -258,16 +258,21 @@ def load_gguf(gguf_path, *, dtype=torch.float32):
     return model, tokenizer
 
 
+def smollm2_directory(cache_dir=None, progress=print) -> Path:
+    """The cached Hugging Face directory of SmolLM2-135M, converted from the package's GGUF on first use
+    (no hub connection: ``train`` with ``model: smollm2`` reads this directory)."""
+    directory = Path(cache_dir or cache_root()) / "smollm2-135m"
+    if not (directory / "config.json").exists():
+        gguf_path = smollm2_gguf()
+        progress(f"converting {gguf_path.name} (once) ...")
+        model, tokenizer = load_gguf(gguf_path)
+        _save(model, tokenizer, directory)
+    return directory
+
+
 def smollm2_base(cache_dir=None, progress=print):
     """SmolLM2-135M converted from GGUF once, then read from the cache in Hugging Face format."""
-    directory = Path(cache_dir or cache_root()) / "smollm2-135m"
-    if (directory / "config.json").exists():
-        return load_directory(directory)
-    gguf_path = smollm2_gguf()
-    progress(f"converting {gguf_path.name} (once) ...")
-    model, tokenizer = load_gguf(gguf_path)
-    _save(model, tokenizer, directory)
-    return model, tokenizer
+    return load_directory(smollm2_directory(cache_dir, progress))
 
 
 def smollm2_model(corpus: Corpus, *, teach_spec: TeachSpec = TeachSpec(lr=2e-4, batch_size=16, text_per_batch=4),
