@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
-from _common import PeakMemory, environment, sync, write_results  # noqa: E402
+from _common import PeakMemory, environment, loadavg, sync, write_results  # noqa: E402
 
 # Llama shapes of bench/e2e.py (random init; no hub access)
 SHAPES = {
@@ -93,13 +93,6 @@ def peak_in_fresh_process(which: str, args) -> float:
            "--threads", str(args.threads), "--attack-steps", str(args.attack_steps)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(proc.stdout.strip().splitlines()[-1])
-
-
-def loadavg():
-    try:
-        return Path("/proc/loadavg").read_text().split()[:3]
-    except OSError:
-        return None
 
 
 def attack_and_fwd_bwd(model, forget, *, attack_steps=10, eps=0.05, step_size=1e-4):
@@ -227,8 +220,7 @@ def main(argv=None):
                "attack_step_over_fwd_bwd <= 0.75 (cpu time)": ratios["attack_step_over_fwd_bwd_cpu"] <= 0.75,
                "attack peak - no-grad forward peak < parameter size":
                    peaks["attack"] - peaks["forward_only"] < param_mb}
-    env = environment(device)
-    env["cpu_model"] = _cpu_model()
+    env = environment(device)  # CPU model and vector extensions included (_common.cpu_info)
     command = (f"python bench/bench_embedding_attack.py --shape {args.shape} --device {args.device} "
                f"--threads {args.threads} --repeat {args.repeat} --attack-steps {steps}")
     payload = {"environment": env, "command": command, "shapes": {**shape, "prompt": PROMPT, "attack_steps": steps},
@@ -247,16 +239,6 @@ def main(argv=None):
         print(f"  target {k}: {'met' if v else 'NOT met'}")
     print(f"  loadavg before {load_before} after {payload['loadavg_after']}")
     return payload
-
-
-def _cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 if __name__ == "__main__":
