@@ -91,7 +91,14 @@ def test_comparison_sentence_says_what_the_interval_allows():
     assert "3 seeds" in text and "-0.080" in text
     flat = {k: {"mean_diff": -0.01, "ci_low": -0.12, "ci_high": 0.1, "p": 0.8, "n": 5}
             for k in ("relearn_forget_acc", "finetune_forget_acc")}
-    assert "cannot tell npo+ilu from npo" in comparison_sentence("npo+ilu vs npo", flat)
+    assert "cannot tell npo+ilu from npo under either attack" in comparison_sentence("npo+ilu vs npo", flat)
+    assert "embedding" not in comparison_sentence("npo+ilu vs npo", flat)  # not measured: not mentioned
+    robust = {**flat, "embed_forget_acc": {"mean_diff": -0.2, "ci_low": -0.3, "ci_high": -0.1, "p": 0.01, "n": 5}}
+    text = comparison_sentence("npo+adv vs npo", robust)
+    assert "after embedding attack -0.200 [-0.300, -0.100]" in text
+    assert "npo+adv recovers less than npo under the embedding attack" in text
+    robust["embed_forget_acc"].update(ci_high=0.05)
+    assert "cannot tell npo+adv from npo under any attack" in comparison_sentence("npo+adv vs npo", robust)
 
 
 def test_write_report_multi_seed_files(tmp_path):

@@ -122,3 +122,37 @@ def test_smollm2_loads_when_installed(tmp_path):
 
     model, tokenizer = smollm2_base(cache_dir=tmp_path, progress=lambda m: None)
     assert model.config.vocab_size >= 49000 and tokenizer.eos_token_id is not None
+
+
+def _without_timings(value):
+    """A report's rows less what depends on the clock (seconds, tokens per second)."""
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if "seconds" not in k and k != "tokens_per_s"}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
+
+
+def test_seeds_in_worker_processes_give_the_figures_of_one_process(tmp_path):
+    """--jobs 2 runs the two seeds in spawned workers: every figure equals the one-process run's (each seed
+    starts from its own RNG state), in the seeds' order, with the workers' progress lines printed."""
+    cache = tmp_path / "cache"
+    argv = ["--quick", "--seeds", "1,0", "--cache-dir", str(cache), "--methods", "original,npo,npo+sam+ilu",
+            "--attacks", "relearn,quant"]
+    reports = {}
+    for jobs in (1, 2):
+        assert run_main(argv + ["--jobs", str(jobs), "--output", str(tmp_path / f"j{jobs}")]) == 0
+        reports[jobs] = json.loads((tmp_path / f"j{jobs}" / "report.json").read_text())
+    assert reports[2]["config"]["jobs"] == 2 and reports[1]["config"]["jobs"] == 1
+    assert list(reports[2]["rows"]) == ["1", "0"] and reports[2]["seeds"] == reports[1]["seeds"]
+    assert _without_timings(reports[2]["rows"]) == _without_timings(reports[1]["rows"])
+    assert _without_timings(reports[2]["methods"]) == _without_timings(reports[1]["methods"])
+
+
+def test_default_jobs_fill_the_cores_without_exceeding_the_seeds(monkeypatch):
+    from unlearn_fast.recipes import run
+
+    monkeypatch.setattr(run.os, "cpu_count", lambda: 8)
+    assert run.default_jobs(5, 1) == 5 and run.default_jobs(5, 2) == 4 and run.default_jobs(5, 8) == 1
+    assert run.default_jobs(1, 1) == 1 and run.default_jobs(3, 16) == 1
+    assert run_main(["--quick", "--jobs", "0"]) == 2

@@ -139,7 +139,7 @@ def write_report(report: dict, output) -> Path:
 METRICS = ("forget_acc", "forget_prob", "retain_acc", "utility_ppl", "relearn_forget_acc", "finetune_forget_acc",
            "relearn_gain", "finetune_gain", "quant8_forget_acc", "quant4_forget_acc", "embed_forget_acc", "seconds")
 # (robust variant, its base): the papers' claims (SPEC §2)
-COMPARISONS = (("npo+sam", "npo"), ("npo+ilu", "npo"), ("npo+sam+ilu", "npo"), ("rmu+ilu", "rmu"))
+COMPARISONS = (("npo+sam", "npo"), ("npo+ilu", "npo"), ("npo+sam+ilu", "npo"), ("npo+adv", "npo"), ("rmu+ilu", "rmu"))
 SEED_COLUMNS = [  # (metric, header) of the interval table
     ("forget_acc", "forget acc ↓"), ("forget_prob", "forget prob ↓"), ("retain_acc", "retain acc ↑"),
     ("utility_ppl", "held-out ppl ↓"), ("relearn_forget_acc", "after relearning ↓"),
@@ -244,21 +244,25 @@ def _diff(d: dict) -> str:
 
 
 def comparison_sentence(title: str, metrics: dict) -> str:
-    """One plain sentence: the paired differences after relearning and fine-tuning, retain and forget level,
-    and what the intervals allow one to say."""
+    """One plain sentence: the paired differences after relearning, fine-tuning and (when measured) the
+    embedding attack, retain and forget level, and what the intervals allow one to say."""
     variant, _, base = title.partition(" vs ")
-    rl, ft = metrics.get("relearn_forget_acc", {}), metrics.get("finetune_forget_acc", {})
-    n = max(rl.get("n", 0), ft.get("n", 0))
+    attacks = [(label, metrics.get(key, {})) for label, key in (
+        ("relearning", "relearn_forget_acc"), ("fine-tuning", "finetune_forget_acc"),
+        ("the embedding attack", "embed_forget_acc"))]
+    attacks = [(label, d) for label, d in attacks if label != "the embedding attack" or d.get("mean_diff") is not None]
+    n = max(d.get("n", 0) for _, d in attacks)
     verdicts = []
-    for label, d in (("relearning", rl), ("fine-tuning", ft)):
+    for label, d in attacks:
         if d.get("ci_high") is not None and d["ci_high"] < 0:
             verdicts.append(f"recovers less than {base} under {label}")
         elif d.get("ci_low") is not None and d["ci_low"] > 0:
             verdicts.append(f"recovers more than {base} under {label}")
     verdict = (f"{variant} " + " and ".join(verdicts)) if verdicts else \
-        f"the intervals cannot tell {variant} from {base} under either attack"
-    return (f"**{title}** ({n} seeds, {variant} − {base}, 95% interval, paired t-test p): after relearning "
-            f"{_diff(rl)}; after fine-tuning {_diff(ft)}; retain acc {_diff(metrics.get('retain_acc', {}))}; "
+        f"the intervals cannot tell {variant} from {base} under {'any' if len(attacks) > 2 else 'either'} attack"
+    after = "; ".join(f"after {label.removeprefix('the ')} {_diff(d)}" for label, d in attacks)
+    return (f"**{title}** ({n} seeds, {variant} − {base}, 95% interval, paired t-test p): {after}; "
+            f"retain acc {_diff(metrics.get('retain_acc', {}))}; "
             f"forget acc before the attacks {_diff(metrics.get('forget_acc', {}))} — {verdict}.")
 
 

@@ -10,9 +10,12 @@ The command-line pieces shared with ``unlearn-fast eval`` (recipes/eval.py) live
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import copy
 import datetime
+import multiprocessing
 import os
+import threading
 import platform
 import sys
 import time
@@ -41,10 +44,9 @@ ALL_METHODS = ("original", "ga", "npo", "npo+sam", "npo+ilu", "npo+sam+ilu", "np
 
 
 def default_methods() -> tuple[str, ...]:
-    """The default run's methods: every method but plain gradient ascent and npo+adv (no comparison needs
-    them and the budget of the 5-seed run does not hold them: npo+adv's step runs a 10-step attack;
-    ``--methods`` adds them back)."""
-    return tuple(m for m in ALL_METHODS if m not in ("ga", "npo+adv"))
+    """The default run's methods: every method but plain gradient ascent (no comparison needs it; ``--methods``
+    adds it back)."""
+    return tuple(m for m in ALL_METHODS if m != "ga")
 
 
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
@@ -239,7 +241,7 @@ def unlearn(model, data: Data, name: str, spec: UnlearnSpec, *, seed: int, ref_n
 
 # ---------------------------------------------------------------- evaluation
 ATTACKS = ("relearn", "finetune", "quant", "embed")
-DEFAULT_ATTACKS = ("relearn", "finetune", "quant")  # embed on request: its cost is not in the 5-seed budget
+DEFAULT_ATTACKS = ATTACKS
 
 
 def evaluate(model, data: Data, spec: RunSpec, *, seed: int, attacks=DEFAULT_ATTACKS,
@@ -360,6 +362,9 @@ def build_run_parser() -> argparse.ArgumentParser:
                                      "write report.json, report.md and robustness.png with 95% intervals.")
     _common(parser)
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2,3,4; --quick: 0)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="seeds run side by side in this many worker processes (default: the cores over "
+                             "--threads, at most the number of seeds; 1 runs them one after another here)")
     parser.add_argument("--methods", default=",".join(default_methods()),
                         help=f"comma-separated methods (default: {','.join(default_methods())}; also: ga)")
     parser.add_argument("--model", default="default", help="default | smollm2 | PATH of a Hugging Face model dir")
@@ -465,19 +470,31 @@ def _f(x) -> str:
 
 class Progress:
     """Progress lines: seed i/n, method j/m, elapsed and an ETA from the method runs done so far (teaching
-    included in their average, so the ETA is rough on the first seed)."""
+    included in their average, so the ETA is rough on the first seed). With seeds in worker processes the
+    workers send their lines here (``RemoteProgress``) and this one process prints them with the global ETA."""
 
-    def __init__(self, seeds: int, methods: int):
-        self.seeds, self.methods, self.done = seeds, methods, 0
+    def __init__(self, seeds: int, methods: int, jobs: int = 1):
+        self.seeds, self.methods, self.jobs, self.done = seeds, methods, jobs, 0
         self.start = time.perf_counter()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
-    def line(self, i: int, j: int, name: str, msg: str) -> None:
+    def line(self, i: int, j: int, name: str, msg: str, done: bool = False) -> None:
+        self.done += bool(done)
         total, el = self.seeds * self.methods, self.elapsed()
         eta = f"{el / self.done * (total - self.done):.0f} s" if self.done else "?"
         log(f"seed {i}/{self.seeds} method {j}/{self.methods} {name}: {msg} (elapsed {el:.0f} s, ETA {eta})")
+
+
+class RemoteProgress:
+    """A worker's stand-in for ``Progress``: the same ``line`` call, put on the parent's queue."""
+
+    def __init__(self, seeds: int, queue):
+        self.seeds, self.queue = seeds, queue
+
+    def line(self, i: int, j: int, name: str, msg: str, done: bool = False) -> None:
+        self.queue.put((i, j, name, msg, done))
 
 
 def run_method(base, data: Data, name: str, spec: RunSpec, *, seed: int, attacks, ref_nll, reference) -> dict:
@@ -499,6 +516,7 @@ def run_method(base, data: Data, name: str, spec: RunSpec, *, seed: int, attacks
 def run_seed(seed: int, i: int, args, spec: RunSpec, methods, attacks, progress: Progress) -> tuple[dict, dict, dict]:
     """(rows: method -> row, model info, timings) of one seed: its corpus split, taught model and attacks."""
     timings, t0 = {}, time.perf_counter()
+    torch.manual_seed(seed)  # each seed from its own state: the same figures in any worker, in any order
     corpus = build_corpus(seed, **spec.corpus)
     log(f"seed {i}/{progress.seeds} (seed {seed}): corpus {len(corpus.forget)} forget / {len(corpus.retain)} retain "
         f"facts, environments {', '.join(corpus.envs)}")
@@ -517,14 +535,57 @@ def run_seed(seed: int, i: int, args, spec: RunSpec, methods, attacks, progress:
         progress.line(i, j, name, "unlearning and attacking ...")
         row = run_method(base, data, name, spec, seed=seed, attacks=attacks, ref_nll=ref_nll, reference=reference)
         rows[name] = row
-        progress.done += 1
         progress.line(i, j, name, f"{row['steps']} steps, forget {row['forget_acc']:.3f} (prob "
                       f"{row['forget_prob']:.3f}) retain {row['retain_acc']:.3f} ppl {row['utility_ppl']:.2f} | "
                       f"relearn {_f(row['relearn_forget_acc'])} finetune {_f(row['finetune_forget_acc'])} q8 "
                       f"{_f(row['quant8_forget_acc'])} q4 {_f(row['quant4_forget_acc'])} embed {_f(row['embed_forget_acc'])} ({row['seconds']:.1f} s + "
-                      f"{row['attack_seconds']:.1f} s attacks)")
+                      f"{row['attack_seconds']:.1f} s attacks)", done=True)
         timings[name] = row["seconds"] + row["attack_seconds"]
     return rows, info, timings
+
+
+def default_jobs(seeds: int, threads: int) -> int:
+    """Seeds run side by side: as many worker processes as the cores hold at ``threads`` each (the toy model at
+    one thread: one seed per core), never more than the seeds."""
+    return max(1, min(seeds, (os.cpu_count() or 1) // max(1, threads)))
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _run_seed_in_worker(seed, i, args, spec, methods, attacks, seeds, queue):
+    return run_seed(seed, i, args, spec, methods, attacks, RemoteProgress(seeds, queue))
+
+
+def run_seeds(seeds, args, spec: RunSpec, methods, attacks, jobs: int, progress: Progress) -> dict:
+    """seed -> run_seed's (rows, model info, timings); ``jobs`` > 1: seeds in that many spawned worker
+    processes (each at this process's thread count), their progress lines printed here as they come."""
+    if jobs <= 1:
+        return {seed: run_seed(seed, i, args, spec, methods, attacks, progress) for i, seed in enumerate(seeds, 1)}
+    from ..ops import _cpp
+
+    if not _cpp.disabled():
+        _cpp.available()  # build the extension once here, not in every worker at the same time
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's thread pools
+    with context.Manager() as manager:
+        queue = manager.Queue()
+        printer = threading.Thread(target=_print_progress, args=(queue, progress), daemon=True)
+        printer.start()
+        try:
+            with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init,
+                                                        initargs=(torch.get_num_threads(),)) as pool:
+                futures = {seed: pool.submit(_run_seed_in_worker, seed, i, args, spec, methods, attacks,
+                                             len(seeds), queue) for i, seed in enumerate(seeds, 1)}
+                return {seed: future.result() for seed, future in futures.items()}
+        finally:
+            queue.put(None)
+            printer.join()
+
+
+def _print_progress(queue, progress: Progress) -> None:
+    while (item := queue.get()) is not None:
+        progress.line(*item)
 
 
 def run_main(argv: list[str] | None = None) -> int:
@@ -535,15 +596,22 @@ def run_main(argv: list[str] | None = None) -> int:
         seeds = parse_seeds(args)
         methods = parse_methods(args.methods, spec.unlearn)
         attacks = _attacks(args.attacks)
+        if args.jobs is not None and args.jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     except (ValueError, FileNotFoundError, ImportError) as exc:
         return fail("run", exc)
+    jobs = default_jobs(len(seeds), torch.get_num_threads()) if args.jobs is None else min(args.jobs, len(seeds))
     out = _output(args.output)
-    progress = Progress(len(seeds), len(methods))
-    rows_by_seed, models, per_seed = {}, {}, {}
-    for i, seed in enumerate(seeds, 1):
-        rows_by_seed[seed], models[seed], per_seed[seed] = run_seed(seed, i, args, spec, methods, attacks, progress)
+    progress = Progress(len(seeds), len(methods), jobs)
+    if jobs > 1:
+        log(f"{len(seeds)} seeds in {jobs} worker processes at {torch.get_num_threads()} thread(s) each")
+    results = run_seeds(seeds, args, spec, methods, attacks, jobs, progress)
+    rows_by_seed = {seed: r[0] for seed, r in results.items()}
+    models = {seed: r[1] for seed, r in results.items()}
+    per_seed = {seed: r[2] for seed, r in results.items()}
     total = progress.elapsed()
-    timings = {"total": total, "models": sum(t["model"] for t in per_seed.values()),
+    # unlearning / attacks: summed over seeds (CPU seconds of the workers, more than the wall time when jobs > 1)
+    timings = {"total": total, "jobs": jobs, "models": sum(t["model"] for t in per_seed.values()),
                "retain_only_models": sum(t["retain_only_model"] for t in per_seed.values()),
                "unlearning": sum(r["seconds"] for rows in rows_by_seed.values() for r in rows.values()),
                "attacks": sum(r["attack_seconds"] for rows in rows_by_seed.values() for r in rows.values()),
@@ -554,14 +622,14 @@ def run_main(argv: list[str] | None = None) -> int:
               "models": {str(s): info for s, info in models.items()},
               "config": {"argv": list(argv or []), "seeds": seeds, "quick": args.quick, "model": args.model,
                          "profile": asdict(model_profile(args.model)), "threads": torch.get_num_threads(),
-                         "forget_quality": args.forget_quality,
+                         "jobs": jobs, "forget_quality": args.forget_quality,
                          **{k: asdict(v) if hasattr(v, "__dataclass_fields__") else v
                             for k, v in asdict(spec).items()},
                          "relearn_scored": scored,
                          "cached_models": sum(bool(info.get("cached")) for info in models.values())},
               "versions": versions(), "timings": timings}
     write_report(report, out)
-    log(f"done in {total:.0f} s ({len(seeds)} seeds x {len(methods)} methods): {out / 'report.md'}")
+    log(f"done in {total:.0f} s ({len(seeds)} seeds x {len(methods)} methods, {jobs} job(s)): {out / 'report.md'}")
     return 0
 
 
