@@ -90,7 +90,7 @@ def _runs(tensors):
     """
     runs = []
     start = prev = None
-    count = 0
+    count = total = 0
     for t in tensors:
         if not t.is_contiguous():
             return None

@@ -156,3 +156,50 @@ def test_default_jobs_fill_the_cores_without_exceeding_the_seeds(monkeypatch):
     assert run.default_jobs(5, 1) == 5 and run.default_jobs(5, 2) == 4 and run.default_jobs(5, 8) == 1
     assert run.default_jobs(1, 1) == 1 and run.default_jobs(3, 16) == 1
     assert run_main(["--quick", "--jobs", "0"]) == 2
+
+
+def test_adv_variants_take_the_base_lr_times_the_adv_scale():
+    from dataclasses import replace
+
+    from unlearn_fast.recipes.run import UnlearnSpec, method_config
+
+    spec = replace(UnlearnSpec(), lr=4e-4, ga_lr=1e-4, adv_lr_scale=2.5)
+    assert method_config("npo", spec, 4, 0)[1] == pytest.approx(4e-4)
+    assert method_config("npo+adv", spec, 4, 0)[1] == pytest.approx(1e-3)
+    assert method_config("npo+sam+adv", spec, 4, 0)[1] == pytest.approx(1e-3)
+    assert method_config("ga+adv", spec, 4, 0)[1] == pytest.approx(2.5e-4)
+    config, _ = method_config("npo+adv", spec, 4, 0)
+    assert config.adv_steps == spec.adv_steps and config.adv_step_size == spec.adv_step_size
+
+
+def test_a_worker_stops_when_its_parent_is_killed(tmp_path):
+    """A seed worker watches its parent: killed (not just interrupted) parent -> the worker exits, no orphan
+    keeps the cores busy."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # the watcher is told its parent's pid (bash's $$), as run_seeds tells its workers: no race with the import
+    child = (f"{sys.executable} -c 'import sys; from unlearn_fast.recipes.run import _exit_with_parent; "
+             "print(flush=True); _exit_with_parent(int(sys.argv[1]))' $$")
+    parent = subprocess.Popen(["bash", "-c", f"{child} & echo $!; wait"], stdout=subprocess.PIPE, text=True)
+    pid = int(parent.stdout.readline())
+    parent.stdout.readline()  # imported, now watching
+    time.sleep(2.5)
+    deadline = time.time() + 30
+
+    def running() -> bool:  # an exited process may linger as a zombie until init reaps it
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except FileNotFoundError:
+            return False
+
+    assert running() and parent.poll() is None  # it watches while its parent lives
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    while running() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not running(), "the worker outlived its parent"

@@ -87,6 +87,8 @@ class UnlearnSpec:
     adv_eps: float = 0.05
     adv_steps: int = 10
     adv_step_size: float = 1e-3
+    # +adv: the base method's lr times this (an attacked forget loss descends more slowly)
+    adv_lr_scale: float = 1.0
 
 
 @dataclass
@@ -203,6 +205,8 @@ def method_config(name: str, spec: UnlearnSpec, num_layers: int, seed: int) -> t
         kw.update(retain_weight=spec.retain_weight)
         if method.base == "npo":
             kw.update(beta=spec.npo_beta)
+    if method.adv:
+        lr *= spec.adv_lr_scale
     return uf.UnlearnConfig(**kw), lr
 
 
@@ -550,12 +554,25 @@ def default_jobs(seeds: int, threads: int) -> int:
     return max(1, min(seeds, (os.cpu_count() or 1) // max(1, threads)))
 
 
-def _worker_init(threads: int) -> None:
+_progress_queue = None  # a worker's line to the parent's progress printer (set by _worker_init)
+
+
+def _worker_init(threads: int, queue, parent: int) -> None:
+    global _progress_queue
     torch.set_num_threads(threads)
+    _progress_queue = queue
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
 
-def _run_seed_in_worker(seed, i, args, spec, methods, attacks, seeds, queue):
-    return run_seed(seed, i, args, spec, methods, attacks, RemoteProgress(seeds, queue))
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose parent is gone (killed, crashed) stops instead of running on as an orphan."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _run_seed_in_worker(seed, i, args, spec, methods, attacks, seeds):
+    return run_seed(seed, i, args, spec, methods, attacks, RemoteProgress(seeds, _progress_queue))
 
 
 def run_seeds(seeds, args, spec: RunSpec, methods, attacks, jobs: int, progress: Progress) -> dict:
@@ -568,19 +585,18 @@ def run_seeds(seeds, args, spec: RunSpec, methods, attacks, jobs: int, progress:
     if not _cpp.disabled():
         _cpp.available()  # build the extension once here, not in every worker at the same time
     context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's thread pools
-    with context.Manager() as manager:
-        queue = manager.Queue()
-        printer = threading.Thread(target=_print_progress, args=(queue, progress), daemon=True)
-        printer.start()
-        try:
-            with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init,
-                                                        initargs=(torch.get_num_threads(),)) as pool:
-                futures = {seed: pool.submit(_run_seed_in_worker, seed, i, args, spec, methods, attacks,
-                                             len(seeds), queue) for i, seed in enumerate(seeds, 1)}
-                return {seed: future.result() for seed, future in futures.items()}
-        finally:
-            queue.put(None)
-            printer.join()
+    queue = context.Queue()  # handed to the workers when they start (a queue cannot travel with a task)
+    printer = threading.Thread(target=_print_progress, args=(queue, progress), daemon=True)
+    printer.start()
+    try:
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init,
+                                                    initargs=(torch.get_num_threads(), queue, os.getpid())) as pool:
+            futures = {seed: pool.submit(_run_seed_in_worker, seed, i, args, spec, methods, attacks, len(seeds))
+                       for i, seed in enumerate(seeds, 1)}
+            return {seed: future.result() for seed, future in futures.items()}
+    finally:
+        queue.put(None)
+        printer.join()
 
 
 def _print_progress(queue, progress: Progress) -> None:

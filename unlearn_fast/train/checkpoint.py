@@ -132,10 +132,10 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, sharding=None) -
         missing = sharding.load_full_state_dict(load_file(str(path / "model.safetensors")))
         if missing:
             raise ValueError(f"checkpoint {path} does not match the model: missing tensors {missing[:5]}")
-    to_local = None
-    if sharding is not None:
-        def to_local(i, t):
-            return sharding.shard(i, t) if t.shape == sharding.sharded[i].shape else t
+    def shard_to_local(i, t):
+        return sharding.shard(i, t) if t.shape == sharding.sharded[i].shape else t
+
+    to_local = None if sharding is None else shard_to_local
     restore_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), meta["optimizer"], to_local)
     scheduler.load_state_dict(meta["scheduler"])
     extra = load_file(str(path / "extra.safetensors"))
