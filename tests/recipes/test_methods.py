@@ -47,7 +47,7 @@ def test_adv_switches_on_the_attack_with_the_given_settings():
 
 
 def test_the_main_job_runs_npo_adv_by_default():
-    from unlearn_fast.recipes.run import ALL_METHODS, UnlearnSpec, method_config
+    from unlearn_fast.recipes.run import ALL_METHODS, UnlearnSpec, default_methods, method_config
 
     assert "npo+adv" in ALL_METHODS
     spec = UnlearnSpec()
@@ -56,7 +56,8 @@ def test_the_main_job_runs_npo_adv_by_default():
     assert (config.adv_eps, config.adv_steps, config.adv_step_size) == (spec.adv_eps, spec.adv_steps,
                                                                        spec.adv_step_size)
     assert method_config("npo", spec, 4, seed=0)[0].adv_eps == 0
-    assert method_config("ga+adv", spec, 4, seed=0)[1] == spec.ga_lr
+    assert method_config("ga+adv", spec, 4, seed=0)[1] == spec.ga_lr * spec.adv_lr_scale
+    assert "npo+adv" in default_methods()
 
 
 def test_bench_and_run_read_the_same_names():
