@@ -34,6 +34,7 @@ from typing import Callable
 
 import torch
 
+from . import _irm_penalty
 from ._matmul import matmul_dtype, mm_into
 
 # fp32 elements of [chunk, V] workspace a pass may hold (2**24 floats = 64 MiB): as much as torch's
@@ -305,6 +306,19 @@ def backward_by_vocab(
     return d_h, d_w, d_b
 
 
+def whole_sequence_chunks(sizes: list[int], budget: int):
+    """(first sequence, end sequence, first row, end row) of consecutive chunks of whole sequences, each
+    as many as ``budget`` rows hold (at least one sequence, however long)."""
+    s0 = r0 = 0
+    while s0 < len(sizes):
+        s1, r1 = s0 + 1, r0 + sizes[s0]
+        while s1 < len(sizes) and r1 + sizes[s1] <= budget:
+            r1 += sizes[s1]
+            s1 += 1
+        yield s0, s1, r0, r1
+        s0, r0 = s1, r1
+
+
 def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, chunk: int | None = None,
                        matmul: torch.dtype | None = None):
     """Σ_s φ(nll_s, count_s) and its gradients in one pass, for labelled tokens grouped by sequence.
@@ -333,12 +347,7 @@ def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, c
     d_b = torch.zeros(vocab, dtype=compute, device=h.device) if bias is not None else None
     z_buf = torch.empty(min(budget, n), vocab, dtype=compute, device=h.device)
     kernel = row_kernel(h.device, compute)
-    s0 = r0 = 0
-    while s0 < len(sizes):
-        s1, r1 = s0 + 1, r0 + sizes[s0]  # whole sequences, as many as the workspace holds
-        while s1 < len(sizes) and r1 + sizes[s1] <= budget:
-            r1 += sizes[s1]
-            s1 += 1
+    for s0, s1, r0, r1 in whole_sequence_chunks(sizes, budget):
         r = slice(r0, r1)
         hc = h[r].to(mm)
         z = z_buf[: r1 - r0]
@@ -376,76 +385,24 @@ def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, c
         dz = dz.to(mm)
         mm_into(d_h[r], dz, w)
         mm_into(d_w, dz.T, hc, accumulate=True)
-        s0, r0 = s1, r1
     return total, nll, (d_h, d_w, d_b)
 
 
 def irm_penalty_pass(h, weight, bias, target, env, half, num_envs: int, *, chunk: int | None = None):
-    """The IRMv1 penalty P = Σ_e s_e² (or Σ_e s_e^A s_e^B with ``half``) and its gradients, one pass per group.
+    """The IRMv1 penalty P = Σ_e s_e² (or Σ_e s_e^A s_e^B with ``half``) and its gradients in its forward pass:
+    ``_irm_penalty.irm_penalty_pass`` (the maths, the chain rule over groups) with this module's group pass.
 
-    All rows carry a label; ``env`` [N] is each row's environment and ``half`` [N] (0/1, or None for
-    the biased penalty) its half. A group (an environment, or a half of one) with n_k tokens has
-    s_k = Σ m_t / n_k, whose gradient in z does not depend on s_k:
-        ∂s_k/∂z_t = (p_t (1 + z_t − E_p[z_t]) − onehot(y_t)) / n_k
-    so each group's pass forms ∂s_k/∂(h, W, b) with its logits (3 matmuls, none recomputed) and
-    the chain rule P → s_k is applied once the environment's groups are done:
-    ∂P/∂s_e = 2 s_e, or ∂P/∂s_e^A = s_e^B and ∂P/∂s_e^B = s_e^A. Holds one [V, H] buffer per group
-    of the environment in flight besides the total.
+    A group's pass is ``chunked_pass`` with the coefficients of ∂s_k/∂z = scale · (p (1 − ez + z) − onehot):
+    a = scale − scale · ez (``a_ez``: the row op forms it as soon as the row's E_p[z] is known), b = c = scale.
     Returns (penalty, env_ce_mean [E], env_scale_grad [E], (d_input, d_weight, d_bias)) in the compute dtype.
     """
-    n, hidden = h.shape
     compute = torch.float64 if h.dtype == torch.float64 else torch.float32
-    zero = torch.zeros((), dtype=compute, device=h.device)
-    penalty = zero.clone()
-    env_ce = torch.zeros(num_envs, dtype=compute, device=h.device)
-    env_s = torch.zeros_like(env_ce)
-    d_h = torch.zeros(n, hidden, dtype=compute, device=h.device)
-    d_w = d_b = None
-    spare: list[torch.Tensor] = []  # [V, H] group buffers already folded into d_w, reused by the next groups
-    for e in range(num_envs):
-        in_env = env == e
-        groups = [in_env] if half is None else [in_env & (half == 0), in_env & (half == 1)]
-        done = []  # (rows, s_k, gradients of s_k)
-        for member in groups:
-            rows = member.nonzero().squeeze(1)
-            count = rows.numel()
-            if count == 0:
-                done.append((rows, zero, None))
-                continue
-            scale = 1.0 / count
 
-            # ∂s_k/∂z = scale · (p (1 − ez + z) − onehot): a = scale − scale · ez, b = c = scale
-            full = torch.full((count,), scale, dtype=compute, device=h.device)
-            unit = Coeffs(full, full, full, a_ez=-full)
-            valid = torch.ones(count, dtype=torch.bool, device=h.device)
-            (lse, zy, ez), grads = chunked_pass(h[rows], weight, bias, target[rows], valid, coeffs=unit, chunk=chunk,
-                                                d_weight_out=spare.pop() if spare else None)
-            s_k = (ez - zy).sum() * scale
-            env_ce[e] += (lse - zy).sum()
-            env_s[e] += (ez - zy).sum()
-            done.append((rows, s_k, grads))
-        if half is None:
-            slopes = [2 * done[0][1]]
-            penalty += done[0][1] ** 2
-        else:
-            slopes = [done[1][1], done[0][1]]
-            penalty += done[0][1] * done[1][1]
-        for (rows, _, grads), slope in zip(done, slopes):
-            if grads is None:
-                continue
-            g_h, g_w, g_b = grads
-            d_h.index_copy_(0, rows, g_h.mul_(slope))
-            if d_w is None:
-                d_w = g_w.mul_(slope)
-            else:  # one pass: d_w += slope · g_w, then g_w's storage serves the next group
-                d_w.addcmul_(g_w, slope)
-                spare.append(g_w)
-            if g_b is not None:
-                d_b = g_b.mul_(slope) if d_b is None else d_b.add_(g_b.mul_(slope))
-        count = max(sum(rows.numel() for rows, _, _ in done), 1)
-        env_ce[e] /= count
-        env_s[e] /= count
-    if d_w is None:  # no labelled token at all
-        d_w = torch.zeros(weight.shape, dtype=compute, device=h.device)
-        d_b = torch.zeros(weight.shape[0], dtype=compute, device=h.device) if bias is not None else None
-    return penalty, env_ce, env_s, (d_h, d_w, d_b)
+    def group_pass(h_k, target_k, scale, d_weight_out):
+        count = h_k.shape[0]
+        full = torch.full((count,), scale, dtype=compute, device=h_k.device)
+        valid = torch.ones(count, dtype=torch.bool, device=h_k.device)
+        return chunked_pass(h_k, weight, bias, target_k, valid, coeffs=Coeffs(full, full, full, a_ez=-full),
+                            chunk=chunk, d_weight_out=d_weight_out)
+
+    return _irm_penalty.irm_penalty_pass(group_pass, h, weight, bias, target, env, half, num_envs)
