@@ -29,6 +29,7 @@ same formulas run as torch ops.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -54,6 +55,50 @@ def logits_into(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: 
     if bias is not None:
         return torch.addmm(bias, h, weight.T, out=out)
     return torch.mm(h, weight.T, out=out)
+
+
+class _Blocks(threading.local):
+    """This thread's spare logits blocks (flat CPU buffers), by dtype."""
+
+    def __init__(self):
+        self.spare: dict[torch.dtype, list[torch.Tensor]] = {}
+
+
+_blocks = _Blocks()
+_SPARE_BLOCKS = 2  # a pass holds at most two blocks (z and e)
+
+
+def take_block(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A [rows, cols] workspace block, reused across calls on the CPU.
+
+    A block of tens of MB is above glibc's mmap threshold (32 MiB at most), so a fresh one is new pages
+    from the kernel: zeroed and faulted in one by one as the first matmul writes them, which costs as
+    much as a third of that matmul. On CUDA the caching allocator already reuses memory. A block taken
+    is out of the cache until ``give_back`` returns it (a nested or failed call allocates its own)."""
+    numel = rows * cols
+    if device.type != "cpu":
+        return torch.empty(rows, cols, dtype=dtype, device=device)
+    spare = _blocks.spare.setdefault(dtype, [])
+    for i, flat in enumerate(spare):
+        if flat.numel() >= numel:
+            return spare.pop(i)[:numel].view(rows, cols)
+    return torch.empty(rows, cols, dtype=dtype, device=device)
+
+
+def give_back(block: torch.Tensor | None) -> None:
+    """Return a block from ``take_block`` to this thread's cache (keeping the largest few)."""
+    if block is None or block.device.type != "cpu":
+        return
+    flat = (block if block._base is None else block._base).view(-1)  # the whole buffer, flat
+    spare = _blocks.spare.setdefault(block.dtype, [])
+    spare.append(flat)
+    spare.sort(key=torch.Tensor.numel, reverse=True)
+    del spare[_SPARE_BLOCKS:]
+
+
+def release_blocks() -> None:
+    """Free this thread's cached workspace blocks."""
+    _blocks.spare.clear()
 
 
 @dataclass
@@ -145,8 +190,8 @@ def chunked_pass(
         d_b = torch.zeros(vocab, dtype=compute, device=h.device) if bias is not None and weight_grad else None
     # Workspace allocated once: z holds the logits, e = exp(z − shift) (in z's storage when z is
     # not needed afterwards), then d z.
-    z_buf = torch.empty(min(chunk, n), vocab, dtype=compute, device=h.device)
-    e_buf = torch.empty_like(z_buf) if two_blocks else None
+    z_buf = take_block(min(chunk, n), vocab, compute, h.device)
+    e_buf = take_block(min(chunk, n), vocab, compute, h.device) if two_blocks else None
     safe_target = torch.where(valid, target, 0)
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
@@ -213,6 +258,8 @@ def chunked_pass(
         mm_into(d_h[rows], dz, w)
         if d_w is not None:
             mm_into(d_w, dz.T, hc, accumulate=start != 0)
+    give_back(z_buf)
+    give_back(e_buf)
     if coeffs is not None and n == 0 and d_w is not None:
         d_w.zero_()
     stats = (out_lse, out_zy, out_ez)
@@ -278,8 +325,8 @@ def backward_by_vocab(
     # the row op's per-row vectors (c zero on ignored tokens: their p is 0 through lse = +inf)
     shift_vec, a_vec, c_vec = _vec(lse, compute), _vec(coeffs.a, compute), _vec(torch.where(valid, coeffs.c, 0), compute)
     b_vec = _vec(coeffs.b, compute)
-    z_flat = torch.empty(n * block, dtype=compute, device=h.device)
-    e_flat = torch.empty_like(z_flat) if two_blocks else None
+    z_flat = take_block(n, block, compute, h.device).view(-1)
+    e_flat = take_block(n, block, compute, h.device).view(-1) if two_blocks else None
     for start in range(0, vocab, block):
         stop = min(start + block, vocab)
         w_block = w[start:stop]
@@ -303,6 +350,8 @@ def backward_by_vocab(
         dz = dz.to(mm)
         mm_into(d_w[start:stop], dz.T, hc)
         mm_into(d_h, dz, w_block, accumulate=True)
+    give_back(z_flat)
+    give_back(e_flat)
     return d_h, d_w, d_b
 
 
@@ -343,9 +392,11 @@ def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, c
     nll = torch.zeros(len(sizes), dtype=compute, device=h.device)
     total = torch.zeros((), dtype=compute, device=h.device)
     d_h = torch.empty(n, hidden, dtype=compute, device=h.device)
-    d_w = torch.zeros(vocab, hidden, dtype=compute, device=h.device)
+    d_w = torch.empty(vocab, hidden, dtype=compute, device=h.device)  # the first chunk's matmul writes it
+    if n == 0:
+        d_w.zero_()
     d_b = torch.zeros(vocab, dtype=compute, device=h.device) if bias is not None else None
-    z_buf = torch.empty(min(budget, n), vocab, dtype=compute, device=h.device)
+    z_buf = take_block(min(budget, n), vocab, compute, h.device)
     kernel = row_kernel(h.device, compute)
     for s0, s1, r0, r1 in whole_sequence_chunks(sizes, budget):
         r = slice(r0, r1)
@@ -353,8 +404,11 @@ def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, c
         z = z_buf[: r1 - r0]
         logits_into(z, hc, w, bvec)
         y = target[r].unsqueeze(1)
-        if kernel is not None:  # statistics now; d z after φ' by a second call that knows lse
-            chunk_lse, zy, _ = kernel(z, target[r].long().contiguous(), None, False, None, None, None, None)
+        if kernel is not None:
+            # the statistics and, in z's storage, the unit gradient p − onehot in one call (one exp per
+            # logit); φ' then scales the token's row of the small operands instead of d z (below)
+            ones = torch.ones(r1 - r0, dtype=compute, device=h.device)
+            chunk_lse, zy, _ = kernel(z, target[r].long().contiguous(), None, False, ones, None, None, ones)
             ce = chunk_lse - zy
         else:
             zy = z.gather(1, y).squeeze(1)
@@ -374,17 +428,23 @@ def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, c
         # d z = φ'(nll_s) · (p − onehot) on the sequence's tokens
         coeff = slope.to(compute)[local]
         if kernel is not None:
-            coeff = coeff.contiguous()
-            kernel(z, target[r].long().contiguous(), chunk_lse, False, coeff, None, None, coeff)
-            dz = z
-        else:
-            dz = e.mul_((coeff / sums).unsqueeze(1))
-            dz.scatter_add_(1, y, -coeff.unsqueeze(1))
+            # d z = diag(coeff) U with U = p − onehot in z:  d h = diag(coeff) (U W),
+            # d W += Uᵀ (diag(coeff) h),  d b += Uᵀ coeff  — no pass over the [rows, V] block
+            unit = z.to(mm)
+            mm_into(d_h[r], unit, w)
+            d_h[r].mul_(coeff.unsqueeze(1))
+            mm_into(d_w, unit.T, (hc * coeff.unsqueeze(1)).to(mm), accumulate=r0 != 0)
+            if d_b is not None:
+                d_b.addmv_(z.T, coeff)
+            continue
+        dz = e.mul_((coeff / sums).unsqueeze(1))
+        dz.scatter_add_(1, y, -coeff.unsqueeze(1))
         if d_b is not None:
             d_b += dz.sum(0)
         dz = dz.to(mm)
         mm_into(d_h[r], dz, w)
-        mm_into(d_w, dz.T, hc, accumulate=True)
+        mm_into(d_w, dz.T, hc, accumulate=r0 != 0)
+    give_back(z_buf)
     return total, nll, (d_h, d_w, d_b)
 
 
