@@ -149,6 +149,8 @@ def chunked_pass(
     matmul: torch.dtype | None = None,
     weight_grad: bool = True,
     d_weight_out: torch.Tensor | None = None,
+    grad_scale: Callable[..., torch.Tensor] | None = None,
+    into: tuple | None = None,
 ):
     """One pass over token chunks.
 
@@ -165,23 +167,33 @@ def chunked_pass(
     ``weight_grad=False`` (weight and bias frozen, e.g. an input-only attack) forms d_input alone:
     no [V, H] buffer and no weight-gradient matmul; d_weight and d_bias come back None.
     ``d_weight_out``: a [V, H] compute-dtype buffer to write d weight into (overwritten, not added to).
+    ``grad_scale`` (one chunk only): a function ``(lse, zy, ez) -> k`` of the pass's statistics, a scalar
+    tensor by which the gradient is multiplied — applied to the small operands (k·h, k·(dz W)), never to
+    the [rows, V] block. ``into`` = (d_input [N, H], d_weight [V, H], d_bias [V] | None, add: bool): the
+    gradients go there (d_input overwritten; d weight and bias added to when ``add``, else overwritten)
+    and the pass returns them.
     """
     n, hidden = h.shape
     vocab = weight.shape[0]
+    if grad_scale is not None and n > (chunk or n):
+        raise ValueError(f"grad_scale needs the pass in one chunk ({n} rows, chunk {chunk})")
     if isinstance(coeffs, Coeffs) and coeffs.a_ez is not None and not want_ez:
         raise ValueError("coeffs.a_ez needs want_ez=True (the pass must form E_p[z])")
     compute = torch.float64 if h.dtype == torch.float64 else torch.float32
     # the compiled row op needs one block whatever the coefficients (the torch ops two for E_p[z] or p⊙z)
     kernel = row_kernel(h.device, compute) if not callable(coeffs) else None
     two_blocks = kernel is None and (want_ez or callable(coeffs) or (coeffs is not None and coeffs.b is not None))
-    chunk = chunk or default_chunk(n, vocab, 2 if two_blocks else 1)
+    chunk = chunk or (max(n, 1) if grad_scale is not None else default_chunk(n, vocab, 2 if two_blocks else 1))
     mm = matmul or matmul_dtype(h.dtype, h.device)
     w = weight.to(mm)  # no copy on CUDA for bf16: W is never upcast
     bvec = bias.to(compute) if bias is not None else None
     out_lse = torch.zeros(n, dtype=compute, device=h.device)
     out_zy = torch.zeros_like(out_lse)
     out_ez = torch.zeros_like(out_lse)
-    if coeffs is not None:
+    added = False  # whether d weight / d bias already hold a sum the pass adds to
+    if into is not None:
+        d_h, d_w, d_b, added = into
+    elif coeffs is not None:
         d_h = torch.empty(n, hidden, dtype=compute, device=h.device)
         # written by the first chunk's matmul (no zero-fill pass over [V, H]), accumulated by the others
         d_w = None
@@ -203,12 +215,8 @@ def chunked_pass(
             grads_here = _rows_by_kernel(kernel, z, safe_target[rows], lse, coeffs, rows, want_ez, compute,
                                          out_lse, out_zy, out_ez, keep)
             if grads_here:
-                if d_b is not None:
-                    d_b += z.sum(0)
-                dz = z.to(mm)
-                mm_into(d_h[rows], dz, w)
-                if d_w is not None:
-                    mm_into(d_w, dz.T, hc, accumulate=start != 0)
+                k = grad_scale(out_lse[rows], out_zy[rows], out_ez[rows]) if grad_scale is not None else None
+                _add_gradients(z, hc, w, mm, d_h[rows], d_w, d_b, added or start != 0, k)
             continue
         y = safe_target[rows].unsqueeze(1)
         zy = z.gather(1, y).squeeze(1)
@@ -252,12 +260,8 @@ def chunked_pass(
         else:
             dz = e.mul_(a)
         dz.scatter_add_(1, y, -cf.c.to(compute).unsqueeze(1))
-        if d_b is not None:
-            d_b += dz.sum(0)
-        dz = dz.to(mm)  # bf16 operand for the tensor cores on CUDA (no-op on the CPU)
-        mm_into(d_h[rows], dz, w)
-        if d_w is not None:
-            mm_into(d_w, dz.T, hc, accumulate=start != 0)
+        k = grad_scale(out_lse[rows], out_zy[rows], out_ez[rows]) if grad_scale is not None else None
+        _add_gradients(dz, hc, w, mm, d_h[rows], d_w, d_b, added or start != 0, k)
     give_back(z_buf)
     give_back(e_buf)
     if coeffs is not None and n == 0 and d_w is not None:
@@ -266,6 +270,27 @@ def chunked_pass(
     if coeffs is None:
         return stats
     return stats, (d_h, d_w, d_b)
+
+
+def _add_gradients(dz, hc, w, mm, d_h_rows, d_w, d_b, add: bool, k=None):
+    """A chunk's d z (its storage; fp32) into d input rows = k ⊙ (dz W), d W (+)= dzᵀ (k ⊙ h), d b (+)= dzᵀ k.
+
+    ``k`` (None: 1) is a scalar or a per-row [rows] tensor: the gradient's factor, applied to the small
+    operands so that the [rows, V] block is not passed over once more."""
+    operand = dz.to(mm)  # bf16 operand for the tensor cores on CUDA (no-op on the CPU)
+    mm_into(d_h_rows, operand, w)
+    if k is not None:
+        k = k.to(dz.dtype)
+        d_h_rows.mul_(k.unsqueeze(1) if k.dim() else k)
+    if d_w is not None:
+        scaled = hc if k is None else (hc * (k.unsqueeze(1) if k.dim() else k)).to(mm)
+        mm_into(d_w, operand.T, scaled, accumulate=add)
+    if d_b is not None:
+        col = dz.sum(0) if k is None else (dz.T @ k if k.dim() else dz.sum(0).mul_(k))
+        if add:
+            d_b += col
+        else:
+            d_b.copy_(col)
 
 
 def _rows_by_kernel(kernel, z, target, lse, coeffs, rows, want_ez, compute, out_lse, out_zy, out_ez, keep) -> bool:
@@ -427,23 +452,12 @@ def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, c
         total += phi.detach()
         # d z = φ'(nll_s) · (p − onehot) on the sequence's tokens
         coeff = slope.to(compute)[local]
-        if kernel is not None:
-            # d z = diag(coeff) U with U = p − onehot in z:  d h = diag(coeff) (U W),
-            # d W += Uᵀ (diag(coeff) h),  d b += Uᵀ coeff  — no pass over the [rows, V] block
-            unit = z.to(mm)
-            mm_into(d_h[r], unit, w)
-            d_h[r].mul_(coeff.unsqueeze(1))
-            mm_into(d_w, unit.T, (hc * coeff.unsqueeze(1)).to(mm), accumulate=r0 != 0)
-            if d_b is not None:
-                d_b.addmv_(z.T, coeff)
+        if kernel is not None:  # d z = diag(coeff) (p − onehot): the factor goes on the small operands
+            _add_gradients(z, hc, w, mm, d_h[r], d_w, d_b, r0 != 0, coeff)
             continue
         dz = e.mul_((coeff / sums).unsqueeze(1))
         dz.scatter_add_(1, y, -coeff.unsqueeze(1))
-        if d_b is not None:
-            d_b += dz.sum(0)
-        dz = dz.to(mm)
-        mm_into(d_h[r], dz, w)
-        mm_into(d_w, dz.T, hc, accumulate=r0 != 0)
+        _add_gradients(dz, hc, w, mm, d_h[r], d_w, d_b, r0 != 0)
     give_back(z_buf)
     return total, nll, (d_h, d_w, d_b)
 
@@ -458,11 +472,17 @@ def irm_penalty_pass(h, weight, bias, target, env, half, num_envs: int, *, chunk
     """
     compute = torch.float64 if h.dtype == torch.float64 else torch.float32
 
-    def group_pass(h_k, target_k, scale, d_weight_out):
+    def group_pass(h_k, target_k, scale, d_weight_out=None, **direct):
         count = h_k.shape[0]
         full = torch.full((count,), scale, dtype=compute, device=h_k.device)
         valid = torch.ones(count, dtype=torch.bool, device=h_k.device)
         return chunked_pass(h_k, weight, bias, target_k, valid, coeffs=Coeffs(full, full, full, a_ez=-full),
-                            chunk=chunk, d_weight_out=d_weight_out)
+                            chunk=chunk, d_weight_out=d_weight_out, **direct)
 
-    return _irm_penalty.irm_penalty_pass(group_pass, h, weight, bias, target, env, half, num_envs)
+    # A group straight into the totals holds no [V, H] buffer of its own, so its one logits block may take
+    # the workspace and those V·H elements: the peak of the buffered strategy with one chunk fewer per group.
+    blocks = 1 if row_kernel(h.device, compute) is not None else 2
+    vocab, hidden = weight.shape
+    direct_rows = chunk or (_WORKSPACE_ELEMS + vocab * hidden) // (blocks * vocab)
+    return _irm_penalty.irm_penalty_pass(group_pass, h, weight, bias, target, env, half, num_envs,
+                                         direct_rows=direct_rows)
