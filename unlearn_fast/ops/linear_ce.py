@@ -388,8 +388,9 @@ def irm_penalty(
 
     ILU's objective holds the penalty and not the environments' CE, and s_e's gradient in the
     logits does not depend on s_e, so the torch path forms the gradient with the logits of the
-    forward pass (3 matmuls per token instead of 4, see ``_torch_linear_ce.irm_penalty_pass``),
-    at the cost of one extra [V, H] fp32 buffer per group in flight (two with ``unbiased``).
+    forward pass (3 matmuls per token instead of 4, see ``_irm_penalty.irm_penalty_pass``). On the
+    CPU a group that fits one logits block goes straight into the totals; otherwise (and on CUDA) a
+    group holds one extra [V, H] fp32 buffer until its factor is known (two with ``unbiased``).
     ``env_loss`` and ``env_scale_grad`` come back detached. It cannot backward twice. The
     Triton path, calls that need no gradient, and on CUDA calls with too few tokens for the
     per-group buffers to pay off (``_chunked_linear_ce.penalty_recompute_is_cheaper``) compute
