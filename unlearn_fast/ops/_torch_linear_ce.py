@@ -97,7 +97,9 @@ def give_back(block: torch.Tensor | None) -> None:
 
 
 def release_blocks() -> None:
-    """Free this thread's cached workspace blocks."""
+    """Free this thread's cached logits blocks (``uf.ops.release_workspace``): the CPU path keeps up to two
+    (at most 64 MiB each) between calls; a peak-memory measurement that starts after a warm-up call
+    frees them first so that the block is counted."""
     _blocks.spare.clear()
 
 
