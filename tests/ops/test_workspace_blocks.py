@@ -15,8 +15,10 @@ def test_a_block_is_reused_after_give_back_and_not_while_taken():
     c = tp.take_block(2, 4, torch.float32, torch.device("cpu"))  # smaller: a's storage serves
     assert c.data_ptr() == a.data_ptr() and c.shape == (2, 4)
     assert tp.take_block(2, 4, torch.float32, torch.device("cpu")).data_ptr() != c.data_ptr()  # c is out
-    d = tp.take_block(4, 5, torch.float32, torch.device("cpu"))  # larger than any spare: fresh
+    tp.give_back(c)
+    d = tp.take_block(4, 5, torch.float32, torch.device("cpu"))  # larger than any spare: fresh, and
     assert d.shape == (4, 5) and d.data_ptr() not in (a.data_ptr(), b.data_ptr())
+    assert not tp._blocks.spare[torch.float32]  # the spares too small to serve are freed, not kept beside it
     tp.give_back(torch.empty(7, 2, dtype=torch.float64).view(-1))  # another dtype, its own list
     assert [t.numel() for t in tp._blocks.spare[torch.float64]] == [14]
     assert all(t.dtype == torch.float32 for t in tp._blocks.spare.get(torch.float32, []))

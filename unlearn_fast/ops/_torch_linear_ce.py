@@ -82,6 +82,7 @@ def take_block(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -
     for i, flat in enumerate(spare):
         if flat.numel() >= numel:
             return spare.pop(i)[:numel].view(rows, cols)
+    spare.clear()  # too small to serve: freed before the new block, so that the cache never adds to a peak
     return torch.empty(rows, cols, dtype=dtype, device=device)
 
 
