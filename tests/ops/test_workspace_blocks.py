@@ -69,3 +69,15 @@ def test_cached_blocks_full_of_nan_change_nothing(row_op, monkeypatch):
         for a, b in zip(fresh[name], reused[name]):
             assert torch.equal(a, b), name
     tp.release_blocks()
+
+
+def test_reference_nll_leaves_no_block_resident():
+    """NPO's reference NLL is a one-off pass before training (the plain loop uses it too): no block kept."""
+    from unlearn_fast.data.models import build_llama
+
+    model = build_llama(64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, seed=0)
+    examples = [{"input_ids": torch.arange(1, 9), "labels": torch.arange(1, 9)}]
+    tp.release_blocks()
+    uf.reference_nll(model, examples)
+    assert not any(tp._blocks.spare.values())
