@@ -106,6 +106,9 @@ def worker(variant, shapes, repeat):
 
     step()  # warm-up (compilation, allocator)
     h.grad = w.grad = None  # so that the baseline below holds no gradient
+    import unlearn_fast as uf
+
+    uf.ops.release_workspace()  # the CPU path keeps its logits block between calls: counted in the peak below
     with PeakMemory(device) as mem:
         step()
     seconds, cpu = [], []
@@ -130,6 +133,7 @@ def main(argv=None):
     parser.add_argument("--chunks", default=CHUNKS, help="torch chunk sizes to sweep (comma-separated; 'auto')")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved runs of the variant list (median)")
     parser.add_argument("--json", default=None, help="results path (default bench/results/linear_ce-<device>-<date>.json)")
+    parser.add_argument("--note", default=None, help="a remark stored with the results (e.g. machine load)")
     parser.add_argument("--model-only", action="store_true", help="print the GPU cost model (bench/cost_model.py) and exit")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shapes", default=None, help=argparse.SUPPRESS)
@@ -180,6 +184,8 @@ def main(argv=None):
         "cost_model": cost_model.model()["variants"],  # predicted H100/H200 times at the GPU shapes
         "cost_model_parameters": cost_model.model()["parameters"],
     }
+    if args.note:
+        payload["note"] = args.note
     out = write_results("linear_ce" + ("-quick" if args.quick else ""), payload, args.json)
     print_summary(out, ratios, targets)
     return out

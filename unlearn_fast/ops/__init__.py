@@ -9,6 +9,7 @@ from .linear_ce import (
     sequence_loss,
     sequence_nll,
 )
+from ._torch_linear_ce import release_blocks as release_workspace
 from .multi_tensor import (
     SAMState,
     fd_hvp_accumulate_,
@@ -28,6 +29,7 @@ __all__ = [
     "sequence_nll",
     "SequenceLoss",
     "sequence_loss",
+    "release_workspace",
     "SAMState",
     "global_grad_norm",
     "sam_perturb_",

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from . import _torch_linear_ce as torch_path
+from . import _irm_penalty
 from ._matmul import mm_into
-from ._torch_linear_ce import Coeffs
+from ._torch_linear_ce import Coeffs, whole_sequence_chunks
 
 # Elements of the [chunk, V] logits block (input dtype; 2**29 bf16 = 1 GiB): at V = 128256 a chunk
 # is 4186 rows, so the fp32 d weight (2.1 GB at H = 4096) is read and written 4 times for 16k tokens.
@@ -41,10 +41,12 @@ def _rows():
     return linear_ce_rows
 
 
-def _grad_buffers(n, hidden, vocab, bias, device, weight_grad=True):
+def _grad_buffers(n, hidden, vocab, bias, device, weight_grad=True, d_weight_out=None):
     # d weight is not zeroed: the first chunk's matmul writes it (beta = 0), later ones add
     d_h = torch.empty(n, hidden, dtype=torch.float32, device=device)
-    d_w = torch.empty(vocab, hidden, dtype=torch.float32, device=device) if weight_grad else None
+    d_w = None
+    if weight_grad:
+        d_w = torch.empty(vocab, hidden, dtype=torch.float32, device=device) if d_weight_out is None else d_weight_out
     d_b = torch.zeros(vocab, dtype=torch.float32, device=device) if bias is not None and weight_grad else None
     return d_h, d_w, d_b
 
@@ -58,7 +60,7 @@ def _accumulate(dz, hc, weight, d_h_rows, d_w, d_b, first: bool):
 
 
 def chunked_pass(h, weight, bias, target, valid, *, lse=None, coeffs=None, chunk=None, want_ez=True,
-                 weight_grad=True):
+                 weight_grad=True, d_weight_out=None):
     """Same contract as ``_torch_linear_ce.chunked_pass`` (fp32 results), on the row kernel."""
     rows_ = _rows().rows_
     n, hidden = h.shape
@@ -69,7 +71,7 @@ def chunked_pass(h, weight, bias, target, valid, *, lse=None, coeffs=None, chunk
     out_lse = torch.zeros(n, dtype=torch.float32, device=h.device)
     out_zy, out_ez = torch.zeros_like(out_lse), torch.zeros_like(out_lse)
     if coeffs is not None:
-        d_h, d_w, d_b = _grad_buffers(n, hidden, vocab, bias, h.device, weight_grad)
+        d_h, d_w, d_b = _grad_buffers(n, hidden, vocab, bias, h.device, weight_grad, d_weight_out)
     if coeffs is not None and n == 0 and d_w is not None:
         d_w.zero_()
     z_buf = torch.empty(min(chunk, n), vocab, dtype=h.dtype, device=h.device)
@@ -136,12 +138,7 @@ def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, c
     if n == 0:
         d_w.zero_()
     z_buf = torch.empty(min(budget, n), vocab, dtype=h.dtype, device=h.device)
-    s0 = r0 = 0
-    while s0 < len(sizes):
-        s1, r1 = s0 + 1, r0 + sizes[s0]  # whole sequences, as many as the workspace holds
-        while s1 < len(sizes) and r1 + sizes[s1] <= budget:
-            r1 += sizes[s1]
-            s1 += 1
+    for s0, s1, r0, r1 in whole_sequence_chunks(sizes, budget):
         r = slice(r0, r1)
         hc = h[r]
         z = mm_into(z_buf[: r1 - r0], hc, weight.T, bias=bias)
@@ -158,7 +155,6 @@ def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, c
         coeff = slope.float()[local]  # d z = φ'(nll_s) (p − onehot) on the sequence's tokens
         rows_(z, y, _NO_LABEL, lse=lse, coeffs=(coeff, None, coeff))
         _accumulate(z, hc, weight, d_h[r], d_w, d_b, first=r0 == 0)
-        s0, r0 = s1, r1
     return total, nll, (d_h, d_w, d_b)
 
 
@@ -174,55 +170,15 @@ def penalty_recompute_is_cheaper(num_tokens: int, groups: int, device: torch.dev
 
 
 def irm_penalty_pass(h, weight, bias, target, env, half, num_envs, *, chunk=None):
-    """Same contract and maths as ``_torch_linear_ce.irm_penalty_pass`` (see there), on the row kernel, with
-    the [V, H] traffic cut: a group's d weight buffer is written by its first matmul (no zero fill) and
-    folded into the total by one ``addcmul_`` with its slope (no separate scale pass)."""
-    n, hidden = h.shape
-    vocab = weight.shape[0]
-    device = h.device
-    penalty = torch.zeros((), dtype=torch.float32, device=device)
-    env_ce = torch.zeros(num_envs, dtype=torch.float32, device=device)
-    env_s = torch.zeros_like(env_ce)
-    d_h = torch.zeros(n, hidden, dtype=torch.float32, device=device)
-    d_w = d_b = None
-    for e in range(num_envs):
-        in_env = env == e
-        groups = [in_env] if half is None else [in_env & (half == 0), in_env & (half == 1)]
-        done = []  # (rows, s_k, gradients of s_k)
-        for member in groups:
-            rows = member.nonzero().squeeze(1)
-            count = rows.numel()
-            if count == 0:
-                done.append((rows, torch.zeros((), device=device), None))
-                continue
-            scale = 1.0 / count
+    """Same contract and maths as ``_torch_linear_ce.irm_penalty_pass``: ``_irm_penalty.irm_penalty_pass`` with
+    a group pass on the row kernel (statistics, then d z from them: the unit coefficients need E_p[z])."""
 
-            def unit(lse, zy, ez, scale=scale):  # ∂s_k/∂z = scale · (p (1 − ez + z) − onehot)
-                return Coeffs((1 - ez) * scale, torch.full_like(ez, scale), torch.full_like(ez, scale))
+    def unit(lse, zy, ez, scale):  # ∂s_k/∂z = scale · (p (1 − ez + z) − onehot)
+        return Coeffs((1 - ez) * scale, torch.full_like(ez, scale), torch.full_like(ez, scale))
 
-            valid = torch.ones(count, dtype=torch.bool, device=device)
-            (lse, zy, ez), grads = chunked_pass(h[rows], weight, bias, target[rows], valid, coeffs=unit, chunk=chunk)
-            env_ce[e] += (lse - zy).sum()
-            env_s[e] += (ez - zy).sum()
-            done.append((rows, (ez - zy).sum() * scale, grads))
-        if half is None:
-            slopes = [2 * done[0][1]]
-            penalty += done[0][1] ** 2
-        else:
-            slopes = [done[1][1], done[0][1]]
-            penalty += done[0][1] * done[1][1]
-        for (rows, _, grads), slope in zip(done, slopes):
-            if grads is None:
-                continue
-            g_h, g_w, g_b = grads
-            d_h.index_copy_(0, rows, g_h.mul_(slope))
-            d_w = g_w.mul_(slope) if d_w is None else d_w.addcmul_(g_w, slope)
-            if g_b is not None:
-                d_b = g_b.mul_(slope) if d_b is None else d_b.addcmul_(g_b, slope)
-        count = max(sum(rows.numel() for rows, _, _ in done), 1)
-        env_ce[e] /= count
-        env_s[e] /= count
-    if d_w is None:  # no labelled token at all
-        d_w = torch.zeros(vocab, hidden, dtype=torch.float32, device=device)
-        d_b = torch.zeros(vocab, dtype=torch.float32, device=device) if bias is not None else None
-    return penalty, env_ce, env_s, (d_h, d_w, d_b)
+    def group_pass(h_k, target_k, scale, d_weight_out):
+        valid = torch.ones(h_k.shape[0], dtype=torch.bool, device=h_k.device)
+        return chunked_pass(h_k, weight, bias, target_k, valid, coeffs=lambda *stats: unit(*stats, scale),
+                            chunk=chunk, d_weight_out=d_weight_out)
+
+    return _irm_penalty.irm_penalty_pass(group_pass, h, weight, bias, target, env, half, num_envs)

@@ -29,11 +29,13 @@ same formulas run as torch ops.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from . import _irm_penalty
 from ._matmul import matmul_dtype, mm_into
 
 # fp32 elements of [chunk, V] workspace a pass may hold (2**24 floats = 64 MiB): as much as torch's
@@ -53,6 +55,53 @@ def logits_into(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: 
     if bias is not None:
         return torch.addmm(bias, h, weight.T, out=out)
     return torch.mm(h, weight.T, out=out)
+
+
+class _Blocks(threading.local):
+    """This thread's spare logits blocks (flat CPU buffers), by dtype."""
+
+    def __init__(self):
+        self.spare: dict[torch.dtype, list[torch.Tensor]] = {}
+
+
+_blocks = _Blocks()
+_SPARE_BLOCKS = 2  # a pass holds at most two blocks (z and e)
+
+
+def take_block(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A [rows, cols] workspace block, reused across calls on the CPU.
+
+    A block of tens of MB is above glibc's mmap threshold (32 MiB at most), so a fresh one is new pages
+    from the kernel: zeroed and faulted in one by one as the first matmul writes them, which costs as
+    much as a third of that matmul. On CUDA the caching allocator already reuses memory. A block taken
+    is out of the cache until ``give_back`` returns it (a nested or failed call allocates its own)."""
+    numel = rows * cols
+    if device.type != "cpu":
+        return torch.empty(rows, cols, dtype=dtype, device=device)
+    spare = _blocks.spare.setdefault(dtype, [])
+    for i, flat in enumerate(spare):
+        if flat.numel() >= numel:
+            return spare.pop(i)[:numel].view(rows, cols)
+    spare.clear()  # too small to serve: freed before the new block, so that the cache never adds to a peak
+    return torch.empty(rows, cols, dtype=dtype, device=device)
+
+
+def give_back(block: torch.Tensor | None) -> None:
+    """Return a block from ``take_block`` to this thread's cache (keeping the largest few)."""
+    if block is None or block.device.type != "cpu":
+        return
+    flat = (block if block._base is None else block._base).view(-1)  # the whole buffer, flat
+    spare = _blocks.spare.setdefault(block.dtype, [])
+    spare.append(flat)
+    spare.sort(key=torch.Tensor.numel, reverse=True)
+    del spare[_SPARE_BLOCKS:]
+
+
+def release_blocks() -> None:
+    """Free this thread's cached logits blocks (``uf.ops.release_workspace``): the CPU path keeps up to two
+    (at most 64 MiB each) between calls; a peak-memory measurement that starts after a warm-up call
+    frees them first so that the block is counted."""
+    _blocks.spare.clear()
 
 
 @dataclass
@@ -103,6 +152,8 @@ def chunked_pass(
     matmul: torch.dtype | None = None,
     weight_grad: bool = True,
     d_weight_out: torch.Tensor | None = None,
+    grad_scale: Callable[..., torch.Tensor] | None = None,
+    into: tuple | None = None,
 ):
     """One pass over token chunks.
 
@@ -119,23 +170,33 @@ def chunked_pass(
     ``weight_grad=False`` (weight and bias frozen, e.g. an input-only attack) forms d_input alone:
     no [V, H] buffer and no weight-gradient matmul; d_weight and d_bias come back None.
     ``d_weight_out``: a [V, H] compute-dtype buffer to write d weight into (overwritten, not added to).
+    ``grad_scale`` (one chunk only): a function ``(lse, zy, ez) -> k`` of the pass's statistics, a scalar
+    tensor by which the gradient is multiplied — applied to the small operands (k·h, k·(dz W)), never to
+    the [rows, V] block. ``into`` = (d_input [N, H], d_weight [V, H], d_bias [V] | None, add: bool): the
+    gradients go there (d_input overwritten; d weight and bias added to when ``add``, else overwritten)
+    and the pass returns them.
     """
     n, hidden = h.shape
     vocab = weight.shape[0]
+    if grad_scale is not None and n > (chunk or n):
+        raise ValueError(f"grad_scale needs the pass in one chunk ({n} rows, chunk {chunk})")
     if isinstance(coeffs, Coeffs) and coeffs.a_ez is not None and not want_ez:
         raise ValueError("coeffs.a_ez needs want_ez=True (the pass must form E_p[z])")
     compute = torch.float64 if h.dtype == torch.float64 else torch.float32
     # the compiled row op needs one block whatever the coefficients (the torch ops two for E_p[z] or p⊙z)
     kernel = row_kernel(h.device, compute) if not callable(coeffs) else None
     two_blocks = kernel is None and (want_ez or callable(coeffs) or (coeffs is not None and coeffs.b is not None))
-    chunk = chunk or default_chunk(n, vocab, 2 if two_blocks else 1)
+    chunk = chunk or (max(n, 1) if grad_scale is not None else default_chunk(n, vocab, 2 if two_blocks else 1))
     mm = matmul or matmul_dtype(h.dtype, h.device)
     w = weight.to(mm)  # no copy on CUDA for bf16: W is never upcast
     bvec = bias.to(compute) if bias is not None else None
     out_lse = torch.zeros(n, dtype=compute, device=h.device)
     out_zy = torch.zeros_like(out_lse)
     out_ez = torch.zeros_like(out_lse)
-    if coeffs is not None:
+    added = False  # whether d weight / d bias already hold a sum the pass adds to
+    if into is not None:
+        d_h, d_w, d_b, added = into
+    elif coeffs is not None:
         d_h = torch.empty(n, hidden, dtype=compute, device=h.device)
         # written by the first chunk's matmul (no zero-fill pass over [V, H]), accumulated by the others
         d_w = None
@@ -144,8 +205,8 @@ def chunked_pass(
         d_b = torch.zeros(vocab, dtype=compute, device=h.device) if bias is not None and weight_grad else None
     # Workspace allocated once: z holds the logits, e = exp(z − shift) (in z's storage when z is
     # not needed afterwards), then d z.
-    z_buf = torch.empty(min(chunk, n), vocab, dtype=compute, device=h.device)
-    e_buf = torch.empty_like(z_buf) if two_blocks else None
+    z_buf = take_block(min(chunk, n), vocab, compute, h.device)
+    e_buf = take_block(min(chunk, n), vocab, compute, h.device) if two_blocks else None
     safe_target = torch.where(valid, target, 0)
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
@@ -157,12 +218,8 @@ def chunked_pass(
             grads_here = _rows_by_kernel(kernel, z, safe_target[rows], lse, coeffs, rows, want_ez, compute,
                                          out_lse, out_zy, out_ez, keep)
             if grads_here:
-                if d_b is not None:
-                    d_b += z.sum(0)
-                dz = z.to(mm)
-                mm_into(d_h[rows], dz, w)
-                if d_w is not None:
-                    mm_into(d_w, dz.T, hc, accumulate=start != 0)
+                k = grad_scale(out_lse[rows], out_zy[rows], out_ez[rows]) if grad_scale is not None else None
+                _add_gradients(z, hc, w, mm, d_h[rows], d_w, d_b, added or start != 0, k)
             continue
         y = safe_target[rows].unsqueeze(1)
         zy = z.gather(1, y).squeeze(1)
@@ -206,18 +263,37 @@ def chunked_pass(
         else:
             dz = e.mul_(a)
         dz.scatter_add_(1, y, -cf.c.to(compute).unsqueeze(1))
-        if d_b is not None:
-            d_b += dz.sum(0)
-        dz = dz.to(mm)  # bf16 operand for the tensor cores on CUDA (no-op on the CPU)
-        mm_into(d_h[rows], dz, w)
-        if d_w is not None:
-            mm_into(d_w, dz.T, hc, accumulate=start != 0)
+        k = grad_scale(out_lse[rows], out_zy[rows], out_ez[rows]) if grad_scale is not None else None
+        _add_gradients(dz, hc, w, mm, d_h[rows], d_w, d_b, added or start != 0, k)
+    give_back(z_buf)
+    give_back(e_buf)
     if coeffs is not None and n == 0 and d_w is not None:
         d_w.zero_()
     stats = (out_lse, out_zy, out_ez)
     if coeffs is None:
         return stats
     return stats, (d_h, d_w, d_b)
+
+
+def _add_gradients(dz, hc, w, mm, d_h_rows, d_w, d_b, add: bool, k=None):
+    """A chunk's d z (its storage; fp32) into d input rows = k ⊙ (dz W), d W (+)= dzᵀ (k ⊙ h), d b (+)= dzᵀ k.
+
+    ``k`` (None: 1) is a scalar or a per-row [rows] tensor: the gradient's factor, applied to the small
+    operands so that the [rows, V] block is not passed over once more."""
+    operand = dz.to(mm)  # bf16 operand for the tensor cores on CUDA (no-op on the CPU)
+    mm_into(d_h_rows, operand, w)
+    if k is not None:
+        k = k.to(dz.dtype)
+        d_h_rows.mul_(k.unsqueeze(1) if k.dim() else k)
+    if d_w is not None:
+        scaled = hc if k is None else (hc * (k.unsqueeze(1) if k.dim() else k)).to(mm)
+        mm_into(d_w, operand.T, scaled, accumulate=add)
+    if d_b is not None:
+        col = dz.sum(0) if k is None else (dz.T @ k if k.dim() else dz.sum(0).mul_(k))
+        if add:
+            d_b += col
+        else:
+            d_b.copy_(col)
 
 
 def _rows_by_kernel(kernel, z, target, lse, coeffs, rows, want_ez, compute, out_lse, out_zy, out_ez, keep) -> bool:
@@ -277,8 +353,8 @@ def backward_by_vocab(
     # the row op's per-row vectors (c zero on ignored tokens: their p is 0 through lse = +inf)
     shift_vec, a_vec, c_vec = _vec(lse, compute), _vec(coeffs.a, compute), _vec(torch.where(valid, coeffs.c, 0), compute)
     b_vec = _vec(coeffs.b, compute)
-    z_flat = torch.empty(n * block, dtype=compute, device=h.device)
-    e_flat = torch.empty_like(z_flat) if two_blocks else None
+    z_flat = take_block(n, block, compute, h.device).view(-1)
+    e_flat = take_block(n, block, compute, h.device).view(-1) if two_blocks else None
     for start in range(0, vocab, block):
         stop = min(start + block, vocab)
         w_block = w[start:stop]
@@ -302,7 +378,22 @@ def backward_by_vocab(
         dz = dz.to(mm)
         mm_into(d_w[start:stop], dz.T, hc)
         mm_into(d_h, dz, w_block, accumulate=True)
+    give_back(z_flat)
+    give_back(e_flat)
     return d_h, d_w, d_b
+
+
+def whole_sequence_chunks(sizes: list[int], budget: int):
+    """(first sequence, end sequence, first row, end row) of consecutive chunks of whole sequences, each
+    as many as ``budget`` rows hold (at least one sequence, however long)."""
+    s0 = r0 = 0
+    while s0 < len(sizes):
+        s1, r1 = s0 + 1, r0 + sizes[s0]
+        while s1 < len(sizes) and r1 + sizes[s1] <= budget:
+            r1 += sizes[s1]
+            s1 += 1
+        yield s0, s1, r0, r1
+        s0, r0 = s1, r1
 
 
 def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, chunk: int | None = None,
@@ -329,23 +420,23 @@ def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, c
     nll = torch.zeros(len(sizes), dtype=compute, device=h.device)
     total = torch.zeros((), dtype=compute, device=h.device)
     d_h = torch.empty(n, hidden, dtype=compute, device=h.device)
-    d_w = torch.zeros(vocab, hidden, dtype=compute, device=h.device)
+    d_w = torch.empty(vocab, hidden, dtype=compute, device=h.device)  # the first chunk's matmul writes it
+    if n == 0:
+        d_w.zero_()
     d_b = torch.zeros(vocab, dtype=compute, device=h.device) if bias is not None else None
-    z_buf = torch.empty(min(budget, n), vocab, dtype=compute, device=h.device)
+    z_buf = take_block(min(budget, n), vocab, compute, h.device)
     kernel = row_kernel(h.device, compute)
-    s0 = r0 = 0
-    while s0 < len(sizes):
-        s1, r1 = s0 + 1, r0 + sizes[s0]  # whole sequences, as many as the workspace holds
-        while s1 < len(sizes) and r1 + sizes[s1] <= budget:
-            r1 += sizes[s1]
-            s1 += 1
+    for s0, s1, r0, r1 in whole_sequence_chunks(sizes, budget):
         r = slice(r0, r1)
         hc = h[r].to(mm)
         z = z_buf[: r1 - r0]
         logits_into(z, hc, w, bvec)
         y = target[r].unsqueeze(1)
-        if kernel is not None:  # statistics now; d z after φ' by a second call that knows lse
-            chunk_lse, zy, _ = kernel(z, target[r].long().contiguous(), None, False, None, None, None, None)
+        if kernel is not None:
+            # the statistics and, in z's storage, the unit gradient p − onehot in one call (one exp per
+            # logit); φ' then scales the token's row of the small operands instead of d z (below)
+            ones = torch.ones(r1 - r0, dtype=compute, device=h.device)
+            chunk_lse, zy, _ = kernel(z, target[r].long().contiguous(), None, False, ones, None, None, ones)
             ce = chunk_lse - zy
         else:
             zy = z.gather(1, y).squeeze(1)
@@ -364,88 +455,37 @@ def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, c
         total += phi.detach()
         # d z = φ'(nll_s) · (p − onehot) on the sequence's tokens
         coeff = slope.to(compute)[local]
-        if kernel is not None:
-            coeff = coeff.contiguous()
-            kernel(z, target[r].long().contiguous(), chunk_lse, False, coeff, None, None, coeff)
-            dz = z
-        else:
-            dz = e.mul_((coeff / sums).unsqueeze(1))
-            dz.scatter_add_(1, y, -coeff.unsqueeze(1))
-        if d_b is not None:
-            d_b += dz.sum(0)
-        dz = dz.to(mm)
-        mm_into(d_h[r], dz, w)
-        mm_into(d_w, dz.T, hc, accumulate=True)
-        s0, r0 = s1, r1
+        if kernel is not None:  # d z = diag(coeff) (p − onehot): the factor goes on the small operands
+            _add_gradients(z, hc, w, mm, d_h[r], d_w, d_b, r0 != 0, coeff)
+            continue
+        dz = e.mul_((coeff / sums).unsqueeze(1))
+        dz.scatter_add_(1, y, -coeff.unsqueeze(1))
+        _add_gradients(dz, hc, w, mm, d_h[r], d_w, d_b, r0 != 0)
+    give_back(z_buf)
     return total, nll, (d_h, d_w, d_b)
 
 
 def irm_penalty_pass(h, weight, bias, target, env, half, num_envs: int, *, chunk: int | None = None):
-    """The IRMv1 penalty P = Σ_e s_e² (or Σ_e s_e^A s_e^B with ``half``) and its gradients, one pass per group.
+    """The IRMv1 penalty P = Σ_e s_e² (or Σ_e s_e^A s_e^B with ``half``) and its gradients in its forward pass:
+    ``_irm_penalty.irm_penalty_pass`` (the maths, the chain rule over groups) with this module's group pass.
 
-    All rows carry a label; ``env`` [N] is each row's environment and ``half`` [N] (0/1, or None for
-    the biased penalty) its half. A group (an environment, or a half of one) with n_k tokens has
-    s_k = Σ m_t / n_k, whose gradient in z does not depend on s_k:
-        ∂s_k/∂z_t = (p_t (1 + z_t − E_p[z_t]) − onehot(y_t)) / n_k
-    so each group's pass forms ∂s_k/∂(h, W, b) with its logits (3 matmuls, none recomputed) and
-    the chain rule P → s_k is applied once the environment's groups are done:
-    ∂P/∂s_e = 2 s_e, or ∂P/∂s_e^A = s_e^B and ∂P/∂s_e^B = s_e^A. Holds one [V, H] buffer per group
-    of the environment in flight besides the total.
+    A group's pass is ``chunked_pass`` with the coefficients of ∂s_k/∂z = scale · (p (1 − ez + z) − onehot):
+    a = scale − scale · ez (``a_ez``: the row op forms it as soon as the row's E_p[z] is known), b = c = scale.
     Returns (penalty, env_ce_mean [E], env_scale_grad [E], (d_input, d_weight, d_bias)) in the compute dtype.
     """
-    n, hidden = h.shape
     compute = torch.float64 if h.dtype == torch.float64 else torch.float32
-    zero = torch.zeros((), dtype=compute, device=h.device)
-    penalty = zero.clone()
-    env_ce = torch.zeros(num_envs, dtype=compute, device=h.device)
-    env_s = torch.zeros_like(env_ce)
-    d_h = torch.zeros(n, hidden, dtype=compute, device=h.device)
-    d_w = d_b = None
-    spare: list[torch.Tensor] = []  # [V, H] group buffers already folded into d_w, reused by the next groups
-    for e in range(num_envs):
-        in_env = env == e
-        groups = [in_env] if half is None else [in_env & (half == 0), in_env & (half == 1)]
-        done = []  # (rows, s_k, gradients of s_k)
-        for member in groups:
-            rows = member.nonzero().squeeze(1)
-            count = rows.numel()
-            if count == 0:
-                done.append((rows, zero, None))
-                continue
-            scale = 1.0 / count
 
-            # ∂s_k/∂z = scale · (p (1 − ez + z) − onehot): a = scale − scale · ez, b = c = scale
-            full = torch.full((count,), scale, dtype=compute, device=h.device)
-            unit = Coeffs(full, full, full, a_ez=-full)
-            valid = torch.ones(count, dtype=torch.bool, device=h.device)
-            (lse, zy, ez), grads = chunked_pass(h[rows], weight, bias, target[rows], valid, coeffs=unit, chunk=chunk,
-                                                d_weight_out=spare.pop() if spare else None)
-            s_k = (ez - zy).sum() * scale
-            env_ce[e] += (lse - zy).sum()
-            env_s[e] += (ez - zy).sum()
-            done.append((rows, s_k, grads))
-        if half is None:
-            slopes = [2 * done[0][1]]
-            penalty += done[0][1] ** 2
-        else:
-            slopes = [done[1][1], done[0][1]]
-            penalty += done[0][1] * done[1][1]
-        for (rows, _, grads), slope in zip(done, slopes):
-            if grads is None:
-                continue
-            g_h, g_w, g_b = grads
-            d_h.index_copy_(0, rows, g_h.mul_(slope))
-            if d_w is None:
-                d_w = g_w.mul_(slope)
-            else:  # one pass: d_w += slope · g_w, then g_w's storage serves the next group
-                d_w.addcmul_(g_w, slope)
-                spare.append(g_w)
-            if g_b is not None:
-                d_b = g_b.mul_(slope) if d_b is None else d_b.add_(g_b.mul_(slope))
-        count = max(sum(rows.numel() for rows, _, _ in done), 1)
-        env_ce[e] /= count
-        env_s[e] /= count
-    if d_w is None:  # no labelled token at all
-        d_w = torch.zeros(weight.shape, dtype=compute, device=h.device)
-        d_b = torch.zeros(weight.shape[0], dtype=compute, device=h.device) if bias is not None else None
-    return penalty, env_ce, env_s, (d_h, d_w, d_b)
+    def group_pass(h_k, target_k, scale, d_weight_out=None, **direct):
+        count = h_k.shape[0]
+        full = torch.full((count,), scale, dtype=compute, device=h_k.device)
+        valid = torch.ones(count, dtype=torch.bool, device=h_k.device)
+        return chunked_pass(h_k, weight, bias, target_k, valid, coeffs=Coeffs(full, full, full, a_ez=-full),
+                            chunk=chunk, d_weight_out=d_weight_out, **direct)
+
+    # A group straight into the totals holds no [V, H] buffer of its own, so its one logits block may take
+    # the workspace and those V·H elements: the peak of the buffered strategy with one chunk fewer per group.
+    blocks = 1 if row_kernel(h.device, compute) is not None else 2
+    vocab, hidden = weight.shape
+    direct_rows = chunk or (_WORKSPACE_ELEMS + vocab * hidden) // (blocks * vocab)
+    return _irm_penalty.irm_penalty_pass(group_pass, h, weight, bias, target, env, half, num_envs,
+                                         direct_rows=direct_rows)

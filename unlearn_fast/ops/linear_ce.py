@@ -156,23 +156,23 @@ class _SummedCE(torch.autograd.Function):
         if not needs_grad:
             lse, zy, _ = passes.chunked_pass(h, weight, bias, target, valid, chunk=chunk, want_ez=False)
             return ((lse - zy).sum() * scale).to(lse.dtype)
-        ones = valid.to(torch.float64 if h.dtype == torch.float64 else torch.float32)
+        # the reduction's scale goes into the per-token coefficients (free in the row work), so that the
+        # backward's factor is the upstream gradient alone: usually 1, and then no pass over the gradients
+        unit = valid.to(scale.dtype) * scale
         # A frozen head (an attack on the inputs) gets no weight gradient: no [V, H] buffer, one matmul fewer.
         head_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
         (lse, zy, _), grads = passes.chunked_pass(
-            h, weight, bias, target, valid, coeffs=torch_path.Coeffs(ones, None, ones), chunk=chunk, want_ez=False,
+            h, weight, bias, target, valid, coeffs=torch_path.Coeffs(unit, None, unit), chunk=chunk, want_ez=False,
             weight_grad=head_grad,
         )
         _keep_gradients(ctx, grads, h, weight, bias)
-        ctx.save_for_backward(scale)
         return (lse - zy).sum() * scale
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        (scale,) = ctx.saved_tensors
         hint = "; use reduction='none' and reduce the result yourself if you need to"
-        return (*_hand_over_gradients(ctx, g * scale, "linear_cross_entropy(reduction='mean'|'sum')", hint),
+        return (*_hand_over_gradients(ctx, g, "linear_cross_entropy(reduction='mean'|'sum')", hint),
                 None, None, None, None, None)
 
 
@@ -196,6 +196,8 @@ def _scaled(grad: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> tor
     """grad · factor in ``dtype``: one pass that writes the narrower result (the same roundings as scaling in
     place and casting after, one [V, H] fp32 read and write fewer)."""
     if grad.dtype == dtype:
+        if factor.device.type == "cpu" and factor.numel() == 1 and bool(factor == 1):
+            return grad  # × 1 changes no bit (NaN and ±0 included): no pass over a [V, H] tensor
         return grad.mul_(factor)
     return torch.mul(grad, factor, out=torch.empty_like(grad, dtype=dtype))
 
@@ -386,8 +388,9 @@ def irm_penalty(
 
     ILU's objective holds the penalty and not the environments' CE, and s_e's gradient in the
     logits does not depend on s_e, so the torch path forms the gradient with the logits of the
-    forward pass (3 matmuls per token instead of 4, see ``_torch_linear_ce.irm_penalty_pass``),
-    at the cost of one extra [V, H] fp32 buffer per group in flight (two with ``unbiased``).
+    forward pass (3 matmuls per token instead of 4, see ``_irm_penalty.irm_penalty_pass``). On the
+    CPU a group that fits one logits block goes straight into the totals; otherwise (and on CUDA) a
+    group holds one extra [V, H] fp32 buffer until its factor is known (two with ``unbiased``).
     ``env_loss`` and ``env_scale_grad`` come back detached. It cannot backward twice. The
     Triton path, calls that need no gradient, and on CUDA calls with too few tokens for the
     per-group buffers to pay off (``_chunked_linear_ce.penalty_recompute_is_cheaper``) compute
