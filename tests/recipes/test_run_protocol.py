@@ -126,6 +126,22 @@ def test_a_profile_corpus_replaces_the_protocol_corpus_except_in_quick_runs(monk
     assert R.base_spec("default", False).corpus == protocol
 
 
+def test_finetune_tasks_choose_the_fine_tuning_attacks(quick_model, capsys):
+    base, data = quick_model
+    assert R.FinetuneSpec().task_names(["a", "b"]) == ["a", "b"]  # "": every task
+    assert R.FinetuneSpec(tasks=" b, a").task_names(["a", "b", "c"]) == ["b", "a"]
+    with pytest.raises(ValueError, match="unknown task"):
+        R.FinetuneSpec(tasks="nope").task_names(["a"])
+    spec = R.apply_override(R.quick_spec(), "finetune.tasks=sentiment")
+    row = R.evaluate(base, data, spec, seed=0, attacks=("finetune",))
+    assert list(row["finetune"]) == ["sentiment"]
+    assert row["finetune_forget_acc"] == row["finetune"]["sentiment"]["forget_acc"]
+    everything = R.evaluate(base, data, R.quick_spec(), seed=0, attacks=("finetune",))
+    assert sorted(everything["finetune"]) == sorted(data.env_train)
+    assert R.run_main(["--quick", "--set", "finetune.tasks=nope"]) == 2
+    assert "unknown task" in capsys.readouterr().err
+
+
 def test_threads_default_follows_the_model_size(tmp_path):
     cores = os.cpu_count() or 1
     assert R.default_threads("default") == 1

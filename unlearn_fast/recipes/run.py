@@ -23,7 +23,7 @@ import torch
 
 import unlearn_fast as uf
 
-from ..data.corpus import build_corpus
+from ..data.corpus import ENVIRONMENTS, build_corpus
 from ..eval.attacks import FinetuneSpec, RelearnSpec, finetune_attack, quantized_copy, relearn_over_draws
 from ..eval.benchmark_suite import corpus_benchmark_metrics
 from ..eval.embed_attack import EmbedAttackSpec, embed_attack
@@ -269,7 +269,8 @@ def evaluate(model, data: Data, spec: RunSpec, *, seed: int, attacks=DEFAULT_ATT
         row["relearn_gain"] = row["relearn"]["gain"]
     if "finetune" in attacks:
         row["finetune"] = {env: finetune_attack(model, data.env_train[env], data.env_test[env], data.forget_probe,
-                                                spec.finetune, seed=seed, **kw) for env in data.env_train}
+                                                spec.finetune, seed=seed, **kw)
+                           for env in spec.finetune.task_names(data.env_train)}
         row["finetune_forget_acc"] = sum(r["forget_acc"] for r in row["finetune"].values()) / len(row["finetune"])
         row["finetune_gain"] = row["finetune_forget_acc"] - row["forget_acc"]
         row["finetune_task_acc"] = sum(r["task_acc"] for r in row["finetune"].values()) / len(row["finetune"])
@@ -419,6 +420,7 @@ def _setup(args, choice: str = "default") -> RunSpec:
     spec = base_spec(choice, args.quick)
     for item in args.overrides:
         spec = apply_override(spec, item)
+    spec.finetune.task_names(ENVIRONMENTS)  # an unknown fine-tuning task fails here, before any teaching
     return spec
 
 
