@@ -114,6 +114,34 @@ def test_smollm2_gets_its_profile_and_the_teach_spec_reaches_its_loader(monkeypa
     assert R.base_spec("default", False) == R.RunSpec() and R.base_spec("default", True) == R.quick_spec()
 
 
+def test_a_profile_corpus_replaces_the_protocol_corpus_except_in_quick_runs(monkeypatch):
+    protocol, profile = R.RunSpec().corpus, R.PROFILES["smollm2"]
+    spec = R.base_spec("smollm2", False)
+    assert spec.corpus == {**protocol, **profile.corpus} and spec.corpus != protocol
+    assert spec.corpus["num_entities"] == profile.corpus["num_entities"]
+    assert R.base_spec("smollm2", True).corpus == R.quick_spec().corpus  # --quick keeps the tiny corpus
+    # a partial override keeps the protocol's other arguments
+    monkeypatch.setitem(R.PROFILES, "partial", R.ModelProfile(corpus={"forget_entities": 3}))
+    assert R.base_spec("partial", False).corpus == {**protocol, "forget_entities": 3}
+    assert R.base_spec("default", False).corpus == protocol
+
+
+def test_finetune_tasks_choose_the_fine_tuning_attacks(quick_model, capsys):
+    base, data = quick_model
+    assert R.FinetuneSpec().task_names(["a", "b"]) == ["a", "b"]  # "": every task
+    assert R.FinetuneSpec(tasks=" b, a").task_names(["a", "b", "c"]) == ["b", "a"]
+    with pytest.raises(ValueError, match="unknown task"):
+        R.FinetuneSpec(tasks="nope").task_names(["a"])
+    spec = R.apply_override(R.quick_spec(), "finetune.tasks=sentiment")
+    row = R.evaluate(base, data, spec, seed=0, attacks=("finetune",))
+    assert list(row["finetune"]) == ["sentiment"]
+    assert row["finetune_forget_acc"] == row["finetune"]["sentiment"]["forget_acc"]
+    everything = R.evaluate(base, data, R.quick_spec(), seed=0, attacks=("finetune",))
+    assert sorted(everything["finetune"]) == sorted(data.env_train)
+    assert R.run_main(["--quick", "--set", "finetune.tasks=nope"]) == 2
+    assert "unknown task" in capsys.readouterr().err
+
+
 def test_threads_default_follows_the_model_size(tmp_path):
     cores = os.cpu_count() or 1
     assert R.default_threads("default") == 1

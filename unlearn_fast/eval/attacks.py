@@ -165,6 +165,18 @@ class FinetuneSpec:
     lr: float = 1e-3
     batch_size: int = 16
     eval_every: int = 6
+    # comma-separated names of the unrelated tasks fine-tuned on, one attack each ("": every task of the
+    # corpus); fewer tasks for a model where one attack costs minutes (SmolLM2 on 2 CPU cores)
+    tasks: str = ""
+
+    def task_names(self, available) -> list[str]:
+        """The tasks of ``available`` (names, in order) this spec fine-tunes on; ValueError for an unknown one."""
+        available = list(available)
+        chosen = [t.strip() for t in self.tasks.split(",") if t.strip()]
+        unknown = [t for t in chosen if t not in available]
+        if unknown:
+            raise ValueError(f"finetune tasks: unknown task(s) {unknown}; choose from {', '.join(available)}")
+        return chosen or available
 
 
 def finetune_attack(model: nn.Module, env_train, env_test, forget_probe, spec: FinetuneSpec, *, seed: int = 0,
