@@ -282,7 +282,10 @@ def write_seeds_markdown(report: dict, path: Path) -> None:
         parts.append("")
     timings = report.get("timings", {})
     if timings:
-        parts.append("Wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items() if _scalar(v)))
+        parts.append("Wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()
+                                               if _scalar(v) and k != "jobs")
+                     + (f" (seconds summed over {timings['jobs']} worker processes but the total)"
+                        if timings.get("jobs", 1) > 1 else ""))
     path.write_text("\n".join(parts) + "\n")
 
 
