@@ -42,7 +42,7 @@ def test_quick_end_to_end_run_over_two_seeds_and_eval(tmp_path):
             assert embed["forget_acc_before"] == pytest.approx(row["relearn"]["draws"][0]["curve"][0][1])
             assert row["embed_gain"] == pytest.approx(row["embed_forget_acc"] - embed["forget_acc_before"])
             assert 0 < embed["delta_norm"] <= embed["radius"] * (1 + 1e-5)
-    assert set(report["comparisons"]) == {"npo+sam+ilu vs npo", "rmu+ilu vs rmu"}
+    assert set(report["comparisons"]) == {"npo+sam+ilu vs npo", "npo+adv vs npo", "rmu+ilu vs rmu"}
     for title, metrics in report["comparisons"].items():
         variant, _, base = title.partition(" vs ")
         for key in METRICS:
