@@ -117,6 +117,22 @@ def median_time(fn, device: torch.device, *, warmup: int = 1, repeat: int = 5) -
     return statistics.median(times)
 
 
+def median_wall_and_cpu(fn, device: torch.device, *, warmup: int = 1, repeat: int = 5) -> tuple[float, float]:
+    """(median wall s, median process-CPU s, all threads) of ``fn`` over ``repeat`` calls after ``warmup``:
+    on a shared machine the CPU time is what the call costs."""
+    for _ in range(warmup):
+        fn()
+    walls, cpus = [], []
+    for _ in range(repeat):
+        sync(device)
+        wall, cpu = time.perf_counter(), time.process_time()
+        fn()
+        sync(device)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus)
+
+
 class PeakMemory:
     """Extra peak memory (bytes) of the code run inside the context, above what was live at entry.
 

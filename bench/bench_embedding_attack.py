@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
-from _common import PeakMemory, environment, loadavg, sync, write_results  # noqa: E402
+from _common import PeakMemory, environment, loadavg, median_wall_and_cpu, write_results  # noqa: E402
 
 # Llama shapes of bench/e2e.py (random init; no hub access)
 SHAPES = {
@@ -60,20 +60,6 @@ def batch_of(shape, device, salt):
     labels[:, :PROMPT] = -100
     return {"input_ids": ids.to(device), "labels": labels.to(device),
             "attention_mask": torch.ones(b, t, dtype=torch.long, device=device)}
-
-
-def timed(fn, device, repeat):
-    """(median wall s, median process-CPU s) of ``fn`` over ``repeat`` calls, after one warm-up call."""
-    fn()
-    walls, cpus = [], []
-    for _ in range(repeat):
-        sync(device)
-        w, c = time.perf_counter(), time.process_time()
-        fn()
-        sync(device)
-        walls.append(time.perf_counter() - w)
-        cpus.append(time.process_time() - c)
-    return statistics.median(walls), statistics.median(cpus)
 
 
 def peak_mb(fn, device, repeat=3):
@@ -127,8 +113,8 @@ def attack_step_fraction(model, forget, device, *, attack_steps=10, repeat=3) ->
     attack(), fwd_bwd()  # warm-up
     runs = {"attack": [], "fwd_bwd": []}
     for _ in range(repeat):
-        runs["attack"].append(timed(attack, device, 1))
-        runs["fwd_bwd"].append(timed(fwd_bwd, device, 1))
+        runs["attack"].append(median_wall_and_cpu(attack, device, repeat=1))
+        runs["fwd_bwd"].append(median_wall_and_cpu(fwd_bwd, device, repeat=1))
     med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in runs.items()}
     return {"attack_step_s": med["attack"][0] / attack_steps, "attack_step_cpu_s": med["attack"][1] / attack_steps,
             "forget_fwd_bwd_s": med["fwd_bwd"][0], "forget_fwd_bwd_cpu_s": med["fwd_bwd"][1],
@@ -194,7 +180,7 @@ def main(argv=None):
         fn()  # warm-up
     for _ in range(args.repeat):
         for name, fn in fns.items():
-            figures[name].append(timed(fn, device, 1))
+            figures[name].append(median_wall_and_cpu(fn, device, repeat=1))
     med = {name: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
            for name, v in figures.items()}
     peaks = {name: peak_in_fresh_process(name, args) for name in ("attack", "forward_only", "fwd_bwd", "npo",

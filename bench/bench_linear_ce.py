@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from _common import (PeakMemory, environment, print_summary, ratios_of, run_variants, sync,  # noqa: E402
+from _common import (PeakMemory, environment, print_summary, ratios_of, run_variants, median_wall_and_cpu,  # noqa: E402
                      worker_report, write_results)  # noqa: E402
 
 CPU_SHAPES = dict(N=4096, H=512, V=32000, E=4, dtype="float32")
@@ -111,17 +109,8 @@ def worker(variant, shapes, repeat):
     uf.ops.release_workspace()  # the CPU path keeps its logits block between calls: counted in the peak below
     with PeakMemory(device) as mem:
         step()
-    seconds, cpu = [], []
-    for _ in range(repeat):
-        sync(device)
-        start, cpu_start = time.perf_counter(), time.process_time()
-        step()
-        sync(device)
-        seconds.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - cpu_start)
-    # process CPU time (all threads) beside the wall time: on a shared machine what the step costs
-    worker_report(median_s=statistics.median(seconds), median_cpu_s=statistics.median(cpu),
-                  peak_extra_mb=mem.extra / 2**20)
+    wall, cpu = median_wall_and_cpu(step, device, warmup=0, repeat=repeat)  # warmed up above
+    worker_report(median_s=wall, median_cpu_s=cpu, peak_extra_mb=mem.extra / 2**20)
 
 
 def main(argv=None):

@@ -93,25 +93,36 @@ def _grads_after(model, fn):
     return [p.grad.clone() if p.grad is not None else None for p in model.parameters()]
 
 
-def test_reference_gradients_match_ours():
-    """The benchmark's reference re-implementation computes the same step gradient as uf (fair comparison)."""
-    import pytest
+def _moved_model_and_batches():
+    """A tiny Llama moved away from its start weights (so that NPO's Δ is not zero) and forget (with the
+    start model's reference NLL), retain and environment batches."""
     import torch
 
     import unlearn_fast as uf
     from unlearn_fast.testing.tiny import make_batch, tiny_llama
-
-    sys.path.insert(0, str(BENCH))
-    from reference_unlearn import ReferenceUnlearner
 
     model = tiny_llama(layers=3)
     forget, retain, env = make_batch(1), make_batch(2), make_batch(3)
     forget["ref_nll"] = uf.reference_nll(
         model, [{"input_ids": i[m.bool()], "labels": y[m.bool()]}
                 for i, y, m in zip(forget["input_ids"], forget["labels"], forget["attention_mask"])])
-    with torch.no_grad():  # move away from the start model so that NPO's Δ is not zero
+    with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
+    return model, forget, retain, env
+
+
+def test_reference_gradients_match_ours():
+    """The benchmark's reference re-implementation computes the same step gradient as uf (fair comparison)."""
+    import torch
+
+    import unlearn_fast as uf
+    from unlearn_fast.testing.tiny import tiny_llama
+
+    sys.path.insert(0, str(BENCH))
+    from reference_unlearn import ReferenceUnlearner
+
+    model, forget, retain, env = _moved_model_and_batches()
     for sam, irm in ((0.05, 2.0),):  # NPO + retain + SAM + ILU: every term of the benchmark's NPO variants
         config = uf.UnlearnConfig(method="npo", beta=0.5, retain_weight=1.5, sam_rho=sam,
                                   irm="logit" if irm else None, irm_weight=irm)
@@ -147,19 +158,11 @@ def test_plain_loop_gradients_match_ours():
     import torch
 
     import unlearn_fast as uf
-    from unlearn_fast.testing.tiny import make_batch, tiny_llama
 
     sys.path.insert(0, str(BENCH))
     from plain_unlearn import PlainUnlearner
 
-    model = tiny_llama(layers=3)
-    forget, retain, env = make_batch(1), make_batch(2), make_batch(3)
-    forget["ref_nll"] = uf.reference_nll(
-        model, [{"input_ids": i[m.bool()], "labels": y[m.bool()]}
-                for i, y, m in zip(forget["input_ids"], forget["labels"], forget["attention_mask"])])
-    with torch.no_grad():  # move away from the start model so that NPO's Δ is not zero
-        for p in model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+    model, forget, retain, env = _moved_model_and_batches()
     before = [p.detach().clone() for p in model.parameters()]
     for sam, irm in ((0.0, 0.0), (0.05, 2.0)):
         config = uf.UnlearnConfig(method="npo", beta=0.5, retain_weight=1.5, sam_rho=sam,
