@@ -182,7 +182,7 @@ def test_a_worker_stops_when_its_parent_is_killed(tmp_path):
     import time
 
     # the watcher is told its parent's pid (bash's $$), as run_seeds tells its workers: no race with the import
-    child = (f"{sys.executable} -c 'import sys; from unlearn_fast.recipes.run import _exit_with_parent; "
+    child = (f"{sys.executable} -c 'import sys; from unlearn_fast.recipes.workers import _exit_with_parent; "
              "print(flush=True); _exit_with_parent(int(sys.argv[1]))' $$")
     parent = subprocess.Popen(["bash", "-c", f"{child} & echo $!; wait"], stdout=subprocess.PIPE, text=True)
     pid = int(parent.stdout.readline())

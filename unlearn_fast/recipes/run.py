@@ -10,16 +10,14 @@ The command-line pieces shared with ``unlearn-fast eval`` (recipes/eval.py) live
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import copy
 import datetime
-import multiprocessing
 import os
-import threading
 import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -187,6 +185,10 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def _silent(msg: str) -> None:
+    pass
+
+
 # ---------------------------------------------------------------- data
 class Data:
     """The corpus encoded for one tokenizer: training examples (with eos) and probes (answer tokens only)."""
@@ -300,13 +302,14 @@ def evaluate(model, data: Data, spec: RunSpec, *, seed: int, attacks=DEFAULT_ATT
     return row
 
 
-def retain_reference(choice: str, corpus, tokenizer, spec: RunSpec, *, quick: bool, seed: int, cache_dir=None):
+def retain_reference(choice: str, corpus, tokenizer, spec: RunSpec, *, quick: bool, seed: int, cache_dir=None,
+                     progress=log):
     """The forget truth ratios of a retain-only model (taught once, cached), the reference of forget quality;
     None for a model of another kind (``--model smollm2`` or a directory: no retain-only twin)."""
     if choice != "default":
         return None
     model, _ = retain_only_model(corpus, tokenizer, spec=QUICK_MODEL if quick else DEFAULT_MODEL,
-                                 teach_spec=spec.teach, seed=seed, cache_dir=cache_dir, progress=log)
+                                 teach_spec=spec.teach, seed=seed, cache_dir=cache_dir, progress=progress)
     return corpus_benchmark_metrics(model, tokenizer, corpus)["forget_truth_ratios"]
 
 
@@ -345,12 +348,12 @@ def check_model_choice(choice: str, cache_dir=None) -> None:
         raise FileNotFoundError(f"--model {choice}: not a model directory (no config.json)")
 
 
-def load_model(choice: str, corpus, spec: RunSpec, *, quick: bool, seed: int, cache_dir=None):
+def load_model(choice: str, corpus, spec: RunSpec, *, quick: bool, seed: int, cache_dir=None, progress=log):
     if choice == "default":
         return default_model(corpus, spec=QUICK_MODEL if quick else DEFAULT_MODEL, teach_spec=spec.teach, seed=seed,
-                             cache_dir=cache_dir, progress=log)
+                             cache_dir=cache_dir, progress=progress)
     if choice == "smollm2":
-        return smollm2_model(corpus, teach_spec=spec.teach, seed=seed, cache_dir=cache_dir, progress=log)
+        return smollm2_model(corpus, teach_spec=spec.teach, seed=seed, cache_dir=cache_dir, progress=progress)
     model, tokenizer = load_directory(choice)
     return model, tokenizer, {"path": str(choice)}
 
@@ -381,8 +384,9 @@ def build_run_parser() -> argparse.ArgumentParser:
     _common(parser)
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2,3,4; --quick: 0)")
     parser.add_argument("--jobs", type=int, default=None,
-                        help="seeds run side by side in this many worker processes (default: the cores over "
-                             "--threads, at most the number of seeds; 1 runs them one after another here)")
+                        help="(seed, method) tasks run side by side in this many worker processes, the costliest "
+                             "first (default: the cores over --threads, at most the number of seeds; 1 runs them "
+                             "one after another here)")
     parser.add_argument("--methods", default=",".join(default_methods()),
                         help=f"comma-separated methods (default: {','.join(default_methods())}; also: ga)")
     parser.add_argument("--model", default="default", help="default | smollm2 | PATH of a Hugging Face model dir")
@@ -488,32 +492,24 @@ def _f(x) -> str:
 
 
 class Progress:
-    """Progress lines: seed i/n, method j/m, elapsed and an ETA from the method runs done so far (teaching
-    included in their average, so the ETA is rough on the first seed). With seeds in worker processes the
-    workers send their lines here (``RemoteProgress``) and this one process prints them with the global ETA."""
+    """Progress lines: seed i/n, method j/m, elapsed and an ETA: the elapsed time scaled by the estimated cost
+    still to run over the cost done (``estimated_cost`` per method; teaching is in the elapsed time, so the ETA
+    is high on the first tasks of an empty cache). With tasks in worker processes the workers send their lines
+    here (workers.RemoteProgress) and this one process prints them with the global ETA."""
 
-    def __init__(self, seeds: int, methods: int, jobs: int = 1):
-        self.seeds, self.methods, self.jobs, self.done = seeds, methods, jobs, 0
+    def __init__(self, seeds: int, methods, jobs: int = 1):
+        self.seeds, self.methods, self.jobs = seeds, len(methods), jobs
+        self.total, self.done = seeds * sum(estimated_cost(m) for m in methods), 0.0
         self.start = time.perf_counter()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
     def line(self, i: int, j: int, name: str, msg: str, done: bool = False) -> None:
-        self.done += bool(done)
-        total, el = self.seeds * self.methods, self.elapsed()
-        eta = f"{el / self.done * (total - self.done):.0f} s" if self.done else "?"
+        self.done += estimated_cost(name) if done else 0.0
+        el = self.elapsed()
+        eta = f"{el / self.done * max(0.0, self.total - self.done):.0f} s" if self.done else "?"
         log(f"seed {i}/{self.seeds} method {j}/{self.methods} {name}: {msg} (elapsed {el:.0f} s, ETA {eta})")
-
-
-class RemoteProgress:
-    """A worker's stand-in for ``Progress``: the same ``line`` call, put on the parent's queue."""
-
-    def __init__(self, seeds: int, queue):
-        self.seeds, self.queue = seeds, queue
-
-    def line(self, i: int, j: int, name: str, msg: str, done: bool = False) -> None:
-        self.queue.put((i, j, name, msg, done))
 
 
 def run_method(base, data: Data, name: str, spec: RunSpec, *, seed: int, attacks, ref_nll, reference) -> dict:
@@ -532,91 +528,130 @@ def run_method(base, data: Data, name: str, spec: RunSpec, *, seed: int, attacks
     return row
 
 
-def run_seed(seed: int, i: int, args, spec: RunSpec, methods, attacks, progress: Progress) -> tuple[dict, dict, dict]:
-    """(rows: method -> row, model info, timings) of one seed: its corpus split, taught model and attacks."""
-    timings, t0 = {}, time.perf_counter()
-    torch.manual_seed(seed)  # each seed from its own state: the same figures in any worker, in any order
+@dataclass
+class SeedSetup:
+    """What every method of one seed starts from: the encoded corpus split, the taught model, NPO's reference
+    log-likelihoods, the retain-only reference (or None) and how long building them took."""
+    seed: int
+    data: Data
+    base: Any
+    info: dict
+    ref_nll: Any
+    reference: Any
+    timings: dict
+
+
+def setup_seed(seed: int, i: int, seeds: int, args, spec: RunSpec, *, quiet: bool = False) -> SeedSetup:
+    """Seed ``seed`` (the i-th of ``seeds``): its corpus split and taught model (taught and cached if absent)."""
+    t0 = time.perf_counter()
     corpus = build_corpus(seed, **spec.corpus)
-    log(f"seed {i}/{progress.seeds} (seed {seed}): corpus {len(corpus.forget)} forget / {len(corpus.retain)} retain "
+    say = _silent if quiet else log  # quiet: a worker loading a seed another one has announced
+    say(f"seed {i}/{seeds} (seed {seed}): corpus {len(corpus.forget)} forget / {len(corpus.retain)} retain "
         f"facts, environments {', '.join(corpus.envs)}")
     base, tokenizer, info = load_model(args.model, corpus, spec, quick=args.quick, seed=seed,
-                                       cache_dir=args.cache_dir)
-    timings["model"] = time.perf_counter() - t0
+                                       cache_dir=args.cache_dir, progress=say)
+    timings = {"model": time.perf_counter() - t0}
     data = Data(corpus, tokenizer)
     t1 = time.perf_counter()
     with_reference = args.forget_quality == "all" or (args.forget_quality == "first" and i == 1)
     reference = retain_reference(args.model, corpus, tokenizer, spec, quick=args.quick, seed=seed,
-                                 cache_dir=args.cache_dir) if with_reference else None
+                                 cache_dir=args.cache_dir, progress=say) if with_reference else None
     timings["retain_only_model"] = time.perf_counter() - t1
     ref_nll = uf.reference_nll(base, data.forget_train, pad_token_id=data.pad)  # once: NPO's θ_ref term
-    rows = {}
-    for j, name in enumerate(methods, 1):
-        progress.line(i, j, name, "unlearning and attacking ...")
-        row = run_method(base, data, name, spec, seed=seed, attacks=attacks, ref_nll=ref_nll, reference=reference)
-        rows[name] = row
-        progress.line(i, j, name, f"{row['steps']} steps, forget {row['forget_acc']:.3f} (prob "
-                      f"{row['forget_prob']:.3f}) retain {row['retain_acc']:.3f} ppl {row['utility_ppl']:.2f} | "
-                      f"relearn {_f(row['relearn_forget_acc'])} finetune {_f(row['finetune_forget_acc'])} q8 "
-                      f"{_f(row['quant8_forget_acc'])} q4 {_f(row['quant4_forget_acc'])} embed {_f(row['embed_forget_acc'])} ({row['seconds']:.1f} s + "
-                      f"{row['attack_seconds']:.1f} s attacks)", done=True)
-        timings[name] = row["seconds"] + row["attack_seconds"]
-    return rows, info, timings
+    return SeedSetup(seed, data, base, info, ref_nll, reference, timings)
+
+
+def run_logged(setup: SeedSetup, i: int, j: int, name: str, spec: RunSpec, attacks, progress) -> dict:
+    """run_method with its two progress lines. Each (seed, method) starts from its own torch RNG state: the
+    same figures in any worker, in any order."""
+    progress.line(i, j, name, "unlearning and attacking ...")
+    torch.manual_seed(setup.seed)
+    row = run_method(setup.base, setup.data, name, spec, seed=setup.seed, attacks=attacks, ref_nll=setup.ref_nll,
+                     reference=setup.reference)
+    progress.line(i, j, name, f"{row['steps']} steps, forget {row['forget_acc']:.3f} (prob "
+                  f"{row['forget_prob']:.3f}) retain {row['retain_acc']:.3f} ppl {row['utility_ppl']:.2f} | "
+                  f"relearn {_f(row['relearn_forget_acc'])} finetune {_f(row['finetune_forget_acc'])} q8 "
+                  f"{_f(row['quant8_forget_acc'])} q4 {_f(row['quant4_forget_acc'])} embed "
+                  f"{_f(row['embed_forget_acc'])} ({row['seconds']:.1f} s + {row['attack_seconds']:.1f} s attacks)",
+                  done=True)
+    return row
+
+
+def run_seed(seed: int, i: int, args, spec: RunSpec, methods, attacks, progress: Progress) -> tuple[dict, dict, dict]:
+    """(rows: method -> row, model info, timings) of one seed, its methods one after another here."""
+    setup = setup_seed(seed, i, progress.seeds, args, spec)
+    rows = {name: run_logged(setup, i, j, name, spec, attacks, progress) for j, name in enumerate(methods, 1)}
+    timings = {**setup.timings, **{name: r["seconds"] + r["attack_seconds"] for name, r in rows.items()}}
+    return rows, setup.info, timings
 
 
 def default_jobs(seeds: int, threads: int) -> int:
     """Seeds run side by side: as many worker processes as the cores hold at ``threads`` each (the toy model at
-    one thread: one seed per core), never more than the seeds."""
+    one thread: one task per core), never more than the seeds."""
     return max(1, min(seeds, (os.cpu_count() or 1) // max(1, threads)))
 
 
-_progress_queue = None  # a worker's line to the parent's progress printer (set by _worker_init)
+def estimated_cost(name: str) -> float:
+    """A method's relative cost on one seed, to hand the costliest tasks out first (the 5-seed run's per-method
+    means, jobs 2, toy model: original 6 s, npo 12, +sam 18, +ilu 18, +sam+ilu 23, +adv 16, rmu 9, rmu+ilu 11)."""
+    if name == "original":
+        return 0.5
+    method = parse_method(name)
+    base = 0.7 if method.base == "rmu" else 1.0
+    return base * (1 + 0.5 * method.sam + 0.5 * method.ilu + 0.35 * method.adv)
 
 
-def _worker_init(threads: int, queue, parent: int) -> None:
-    global _progress_queue
-    torch.set_num_threads(threads)
-    _progress_queue = queue
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+_worker_setups: dict = {}  # seed -> SeedSetup a worker holds: every seed of a small model, the latest of a large one
+SMALL_MODEL_PARAMETERS = 20_000_000
 
 
-def _exit_with_parent(parent: int) -> None:
-    """A worker whose parent is gone (killed, crashed) stops instead of running on as an orphan."""
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os._exit(1)
+def _worker_setup(seed: int, i: int, seeds: int, args, spec: RunSpec, quiet: bool) -> SeedSetup:
+    setup = _worker_setups.pop(seed, None) or setup_seed(seed, i, seeds, args, spec, quiet=quiet)
+    if sum(p.numel() for p in setup.base.parameters()) > SMALL_MODEL_PARAMETERS:
+        _worker_setups.clear()
+    _worker_setups[seed] = setup
+    return setup
 
 
-def _run_seed_in_worker(seed, i, args, spec, methods, attacks, seeds):
-    return run_seed(seed, i, args, spec, methods, attacks, RemoteProgress(seeds, _progress_queue))
+def _prepare_task(seed, i, seeds, args, spec) -> tuple[dict, dict]:
+    setup = _worker_setup(seed, i, seeds, args, spec, quiet=False)
+    return setup.info, setup.timings
+
+
+def _method_task(seed, i, j, name, seeds, args, spec, attacks) -> dict:
+    import transformers
+
+    from .workers import RemoteProgress
+
+    transformers.utils.logging.disable_progress_bar()  # no weight-loading bar each time a worker loads a seed
+
+    return run_logged(_worker_setup(seed, i, seeds, args, spec, quiet=True), i, j, name, spec, attacks,
+                      RemoteProgress())
 
 
 def run_seeds(seeds, args, spec: RunSpec, methods, attacks, jobs: int, progress: Progress) -> dict:
-    """seed -> run_seed's (rows, model info, timings); ``jobs`` > 1: seeds in that many spawned worker
-    processes (each at this process's thread count), their progress lines printed here as they come."""
+    """seed -> (rows, model info, timings); ``jobs`` > 1: one task per seed (its model taught or loaded) and
+    one per (seed, method) after it, in that many spawned workers, the costliest ready task first
+    (recipes/workers.py), their progress lines printed here as they come."""
     if jobs <= 1:
         return {seed: run_seed(seed, i, args, spec, methods, attacks, progress) for i, seed in enumerate(seeds, 1)}
     from ..ops import _cpp
+    from .workers import Task, run_tasks
 
     if not _cpp.disabled():
         _cpp.available()  # build the extension once here, not in every worker at the same time
-    context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's thread pools
-    queue = context.Queue()  # handed to the workers when they start (a queue cannot travel with a task)
-    printer = threading.Thread(target=_print_progress, args=(queue, progress), daemon=True)
-    printer.start()
-    try:
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init,
-                                                    initargs=(torch.get_num_threads(), queue, os.getpid())) as pool:
-            futures = {seed: pool.submit(_run_seed_in_worker, seed, i, args, spec, methods, attacks, len(seeds))
-                       for i, seed in enumerate(seeds, 1)}
-            return {seed: future.result() for seed, future in futures.items()}
-    finally:
-        queue.put(None)
-        printer.join()
-
-
-def _print_progress(queue, progress: Progress) -> None:
-    while (item := queue.get()) is not None:
-        progress.line(*item)
+    n = len(seeds)
+    # a seed's teaching is the longest task of an empty cache: the prepare tasks go first
+    tasks = [Task(seed, _prepare_task, (seed, i, n, args, spec), cost=float("inf")) for i, seed in enumerate(seeds, 1)]
+    tasks += [Task((seed, name), _method_task, (seed, i, j, name, n, args, spec, attacks), cost=estimated_cost(name),
+                   after=seed) for i, seed in enumerate(seeds, 1) for j, name in enumerate(methods, 1)]
+    results = run_tasks(tasks, jobs, progress)
+    out = {}
+    for seed in seeds:
+        info, timings = results[seed]
+        rows = {name: results[seed, name] for name in methods}
+        out[seed] = rows, info, {**timings, **{name: r["seconds"] + r["attack_seconds"] for name, r in rows.items()}}
+    return out
 
 
 def run_main(argv: list[str] | None = None) -> int:
@@ -631,11 +666,12 @@ def run_main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     except (ValueError, FileNotFoundError, ImportError) as exc:
         return fail("run", exc)
-    jobs = default_jobs(len(seeds), torch.get_num_threads()) if args.jobs is None else min(args.jobs, len(seeds))
+    jobs = default_jobs(len(seeds), torch.get_num_threads()) if args.jobs is None else min(args.jobs, len(seeds) * len(methods))
     out = _output(args.output)
-    progress = Progress(len(seeds), len(methods), jobs)
+    progress = Progress(len(seeds), methods, jobs)
     if jobs > 1:
-        log(f"{len(seeds)} seeds in {jobs} worker processes at {torch.get_num_threads()} thread(s) each")
+        log(f"{len(seeds)} seeds x {len(methods)} methods in {jobs} worker processes at {torch.get_num_threads()} "
+            "thread(s) each, the costliest ready task first")
     results = run_seeds(seeds, args, spec, methods, attacks, jobs, progress)
     rows_by_seed = {seed: r[0] for seed, r in results.items()}
     models = {seed: r[1] for seed, r in results.items()}
