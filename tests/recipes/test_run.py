@@ -203,3 +203,15 @@ def test_a_worker_stops_when_its_parent_is_killed(tmp_path):
     while running() and time.time() < deadline:
         time.sleep(0.2)
     assert not running(), "the worker outlived its parent"
+
+
+def test_a_model_profile_sets_rates_and_attacks_while_quick_keeps_its_lengths():
+    from unlearn_fast.recipes.run import PROFILES, RunSpec, base_spec, quick_spec
+
+    full, quick, profile = base_spec("smollm2", False), base_spec("smollm2", True), PROFILES["smollm2"]
+    assert base_spec("default", False) == RunSpec()
+    assert full.unlearn.steps == profile.unlearn["steps"] and quick.unlearn.steps == quick_spec().unlearn.steps
+    assert quick.unlearn.lr == full.unlearn.lr == profile.unlearn["lr"]
+    assert full.relearn.draws == profile.relearn["draws"] and quick.relearn.draws == quick_spec().relearn.draws
+    assert full.embed.eps == quick.embed.eps == profile.embed["eps"] != RunSpec().embed.eps
+    assert quick.embed.steps == quick_spec().embed.steps and full.finetune.steps == profile.finetune["steps"]
