@@ -112,6 +112,25 @@ def test_finetune_attack_learns_the_task_and_reports_quartiles(taught):
     assert sorted(result["checkpoints"]) == [3, 6, 12]
     assert result["forget_acc"] == pytest.approx(sum(result["checkpoints"].values()) / 3)
     assert result["task_acc"] >= result["task_acc_before"] + 0.2
+    assert 0.0 <= result["forget_prob"] <= 1.0
+
+
+def test_relearning_reports_the_answer_probability_before_and_after_the_attack(taught):
+    """The continuous figure beside exact match: the scored questions' mean answer probability of the model
+    before the attack and of a copy fine-tuned the same way by hand after it."""
+    from unlearn_fast.eval.attacks import finetune
+    from unlearn_fast.eval.metrics import answer_accuracy
+
+    model, data = taught
+    spec = RelearnSpec(samples=6, steps=3, eval_every=3, batch_size=2, lr=1e-3)
+    result = relearn_attack(model, data.forget_train, data.forget_probe, spec, seed=3, pad_token_id=data.pad)
+    shown, scored = relearn_split(len(data.forget_train), 6, 3)
+    probe = [data.forget_probe[i] for i in scored]
+    assert result["prob_curve"][0] == [0, pytest.approx(answer_accuracy(model, probe, pad_token_id=data.pad)["prob"])]
+    by_hand = finetune(copy.deepcopy(model), [data.forget_train[i] for i in shown], steps=3, lr=1e-3, batch_size=2,
+                       seed=3, pad_token_id=data.pad)
+    assert result["forget_prob"] == pytest.approx(answer_accuracy(by_hand, probe, pad_token_id=data.pad)["prob"])
+    assert [s for s, _ in result["prob_curve"]] == [0, 3]
 
 
 def test_relearning_over_draws_is_the_mean_of_the_single_draws(taught):
@@ -125,6 +144,8 @@ def test_relearning_over_draws_is_the_mean_of_the_single_draws(taught):
     got = relearn_over_draws(model, data.forget_train, data.forget_probe, spec, seed=7, pad_token_id=data.pad)
     assert got["forget_acc"] == pytest.approx(sum(r["forget_acc"] for r in single) / 3)
     assert got["gain"] == pytest.approx(sum(r["curve"][-1][1] - r["curve"][0][1] for r in single) / 3)
+    assert got["forget_prob"] == pytest.approx(sum(r["forget_prob"] for r in single) / 3)
+    assert got["prob_gain"] == pytest.approx(sum(r["prob_curve"][-1][1] - r["prob_curve"][0][1] for r in single) / 3)
     assert [s for s, _ in got["curve"]] == [0, 1, 2]
     for i, (_, acc) in enumerate(got["curve"]):
         assert acc == pytest.approx(sum(r["curve"][i][1] for r in single) / 3)

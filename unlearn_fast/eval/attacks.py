@@ -126,17 +126,25 @@ def relearn_attack(model: nn.Module, forget_train, forget_probe, spec: RelearnSp
     """Fine-tune a copy on k forget samples; forget accuracy on the other forget questions along the way.
 
     ``forget_train`` / ``forget_probe``: the same forget records, encoded for training (with eos) and for
-    scoring. Returns {"forget_acc": after the attack, "curve": [[step, acc], ...]}.
+    scoring. Returns {"forget_acc": after the attack, "curve": [[step, acc], ...], "forget_prob": the mean
+    answer probability after it, "prob_curve": [[step, prob], ...]} (the probability moves where exact match
+    sits at 0 or 1).
     """
     shown, scored = relearn_split(len(forget_train), spec.samples, seed)
     probe = [forget_probe[i] for i in scored]
-    curve = []
+    curve, prob_curve = [], []
     clone = copy.deepcopy(model)
     marks = sorted(set(range(0, spec.steps + 1, max(1, spec.eval_every))) | {spec.steps})
+
+    def score(step):
+        result = answer_accuracy(clone, probe, pad_token_id=pad_token_id)
+        curve.append([step, result["acc"]])
+        prob_curve.append([step, result["prob"]])
+
     finetune(clone, [forget_train[i] for i in shown], steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size,
-             seed=seed, pad_token_id=pad_token_id, callback_steps=marks,
-             callback=lambda s: curve.append([s, answer_accuracy(clone, probe, pad_token_id=pad_token_id)["acc"]]))
-    return {"forget_acc": curve[-1][1], "curve": curve, "samples": spec.samples, "scored": len(probe)}
+             seed=seed, pad_token_id=pad_token_id, callback_steps=marks, callback=score)
+    return {"forget_acc": curve[-1][1], "curve": curve, "forget_prob": prob_curve[-1][1], "prob_curve": prob_curve,
+            "samples": spec.samples, "scored": len(probe)}
 
 
 def relearn_over_draws(model: nn.Module, forget_train, forget_probe, spec: RelearnSpec, *, seed: int = 0,
@@ -145,8 +153,9 @@ def relearn_over_draws(model: nn.Module, forget_train, forget_probe, spec: Relea
     attack's batches seeded by ``seed + 1000·d``): one draw's figure rests on a few dozen answers, so which
     samples the attacker happens to see moves it more than the unlearning method does.
 
-    Returns {"forget_acc", "gain" (after − before, on the same scored questions), "curve" (the mean over draws
-    at each evaluated step), "draws": [each draw's relearn_attack result]}.
+    Returns {"forget_acc", "gain" (after − before, on the same scored questions), "forget_prob", "prob_gain"
+    (the same for the mean answer probability), "curve" (the mean over draws at each evaluated step), "draws":
+    [each draw's relearn_attack result]}.
     """
     if not isinstance(spec.draws, int) or spec.draws < 1:
         raise ValueError(f"relearn draws must be a positive int, got {spec.draws!r}")
@@ -156,6 +165,8 @@ def relearn_over_draws(model: nn.Module, forget_train, forget_probe, spec: Relea
     curve = [[step, sum(d["curve"][i][1] for d in draws) / k] for i, (step, _) in enumerate(draws[0]["curve"])]
     return {"forget_acc": sum(d["forget_acc"] for d in draws) / k,
             "gain": sum(d["forget_acc"] - d["curve"][0][1] for d in draws) / k,
+            "forget_prob": sum(d["forget_prob"] for d in draws) / k,
+            "prob_gain": sum(d["forget_prob"] - d["prob_curve"][0][1] for d in draws) / k,
             "curve": curve, "draws": draws, "samples": spec.samples, "scored": draws[0]["scored"]}
 
 
@@ -189,15 +200,19 @@ def finetune_attack(model: nn.Module, env_train, env_test, forget_probe, spec: F
     """
     quartiles = sorted({max(1, round(spec.steps / 4)), max(1, round(spec.steps / 2)), spec.steps})
     marks = sorted(set(range(0, spec.steps + 1, max(1, spec.eval_every))) | set(quartiles) | {0})
-    curve = {}
+    curve, probs = {}, {}
     clone = copy.deepcopy(model)
     task_before = answer_accuracy(clone, env_test, pad_token_id=pad_token_id)["acc"]
+
+    def score(step):
+        result = answer_accuracy(clone, forget_probe, pad_token_id=pad_token_id)
+        curve[step], probs[step] = result["acc"], result["prob"]
+
     finetune(clone, env_train, steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size, seed=seed,
-             pad_token_id=pad_token_id, callback_steps=marks,
-             callback=lambda s: curve.__setitem__(s, answer_accuracy(clone, forget_probe,
-                                                                     pad_token_id=pad_token_id)["acc"]))
+             pad_token_id=pad_token_id, callback_steps=marks, callback=score)
     checkpoints = {s: curve[s] for s in quartiles}
     return {"checkpoints": checkpoints, "forget_acc": sum(checkpoints.values()) / len(checkpoints),
+            "forget_prob": sum(probs[s] for s in quartiles) / len(quartiles),
             "task_acc_before": task_before,
             "task_acc": answer_accuracy(clone, env_test, pad_token_id=pad_token_id)["acc"],
             "curve": sorted([s, a] for s, a in curve.items())}

@@ -143,7 +143,8 @@ COMPARISONS = (("npo+sam", "npo"), ("npo+ilu", "npo"), ("npo+sam+ilu", "npo"), (
 SEED_COLUMNS = [  # (metric, header) of the interval table
     ("forget_acc", "forget acc ↓"), ("forget_prob", "forget prob ↓"), ("retain_acc", "retain acc ↑"),
     ("utility_ppl", "held-out ppl ↓"), ("relearn_forget_acc", "after relearning ↓"),
-    ("finetune_forget_acc", "after fine-tuning ↓"), ("relearn_gain", "relearning gain ↓"),
+    ("finetune_forget_acc", "after fine-tuning ↓"), ("relearn_forget_prob", "prob after relearning ↓"),
+    ("finetune_forget_prob", "prob after fine-tuning ↓"), ("relearn_gain", "relearning gain ↓"),
     ("finetune_gain", "fine-tuning gain ↓"), ("quant8_forget_acc", "8-bit ↓"), ("quant4_forget_acc", "4-bit ↓"),
     ("embed_forget_acc", "embedding attack ↓"), ("embed_gain", "embedding gain ↓"),
     ("seconds", "unlearning s"), ("steps", "steps"),
@@ -249,8 +250,9 @@ def comparison_sentence(title: str, metrics: dict) -> str:
     variant, _, base = title.partition(" vs ")
     attacks = [(label, metrics.get(key, {})) for label, key in (
         ("relearning", "relearn_forget_acc"), ("fine-tuning", "finetune_forget_acc"),
-        ("the embedding attack", "embed_forget_acc"))]
-    attacks = [(label, d) for label, d in attacks if label != "the embedding attack" or d.get("mean_diff") is not None]
+        ("the embedding attack", "embed_forget_acc"), ("relearning (answer probability)", "relearn_forget_prob"))]
+    always = ("relearning", "fine-tuning")  # the others only when measured
+    attacks = [(label, d) for label, d in attacks if label in always or d.get("mean_diff") is not None]
     n = max(d.get("n", 0) for _, d in attacks)
     verdicts = []
     for label, d in attacks:

@@ -295,12 +295,14 @@ def evaluate(model, data: Data, spec: RunSpec, *, seed: int, attacks=DEFAULT_ATT
         row["relearn_forget_acc"] = row["relearn"]["forget_acc"]
         # recovery: the attack's gain on the same questions (the relearning ones exclude the shown samples)
         row["relearn_gain"] = row["relearn"]["gain"]
+        row["relearn_forget_prob"] = row["relearn"]["forget_prob"]  # continuous: moves where exact match sits at 0
     if "finetune" in attacks:
         row["finetune"] = {env: finetune_attack(model, data.env_train[env], data.env_test[env], data.forget_probe,
                                                 spec.finetune, seed=seed, **kw)
                            for env in spec.finetune.task_names(data.env_train)}
         row["finetune_forget_acc"] = sum(r["forget_acc"] for r in row["finetune"].values()) / len(row["finetune"])
         row["finetune_gain"] = row["finetune_forget_acc"] - row["forget_acc"]
+        row["finetune_forget_prob"] = sum(r["forget_prob"] for r in row["finetune"].values()) / len(row["finetune"])
         row["finetune_task_acc"] = sum(r["task_acc"] for r in row["finetune"].values()) / len(row["finetune"])
     if "quant" in attacks:
         for bits in (8, 4):
