@@ -512,8 +512,8 @@ class Progress:
     is high on the first tasks of an empty cache). With tasks in worker processes the workers send their lines
     here (workers.RemoteProgress) and this one process prints them with the global ETA."""
 
-    def __init__(self, seeds: int, methods, jobs: int = 1):
-        self.seeds, self.methods, self.jobs = seeds, len(methods), jobs
+    def __init__(self, seeds: int, methods):
+        self.seeds, self.methods = seeds, len(methods)
         self.total, self.done = seeds * sum(estimated_cost(m) for m in methods), 0.0
         self.start = time.perf_counter()
 
@@ -596,8 +596,12 @@ def run_seed(seed: int, i: int, args, spec: RunSpec, methods, attacks, progress:
     """(rows: method -> row, model info, timings) of one seed, its methods one after another here."""
     setup = setup_seed(seed, i, progress.seeds, args, spec)
     rows = {name: run_logged(setup, i, j, name, spec, attacks, progress) for j, name in enumerate(methods, 1)}
-    timings = {**setup.timings, **{name: r["seconds"] + r["attack_seconds"] for name, r in rows.items()}}
-    return rows, setup.info, timings
+    return rows, setup.info, seed_timings(setup.timings, rows)
+
+
+def seed_timings(setup_timings: dict, rows: dict) -> dict:
+    """A seed's timings: building its model (``setup_timings``), then each method's unlearning + attacks."""
+    return {**setup_timings, **{name: r["seconds"] + r["attack_seconds"] for name, r in rows.items()}}
 
 
 def default_jobs(seeds: int, threads: int) -> int:
@@ -621,9 +625,15 @@ SMALL_MODEL_PARAMETERS = 20_000_000
 
 
 def _worker_setup(seed: int, i: int, seeds: int, args, spec: RunSpec, quiet: bool) -> SeedSetup:
-    setup = _worker_setups.pop(seed, None) or setup_seed(seed, i, seeds, args, spec, quiet=quiet)
-    if sum(p.numel() for p in setup.base.parameters()) > SMALL_MODEL_PARAMETERS:
-        _worker_setups.clear()
+    setup = _worker_setups.pop(seed, None)
+    if setup is None:
+        if quiet:  # no weight-loading bar each time a worker loads a seed another one has announced
+            import transformers
+
+            transformers.utils.logging.disable_progress_bar()
+        setup = setup_seed(seed, i, seeds, args, spec, quiet=quiet)
+        if sum(p.numel() for p in setup.base.parameters()) > SMALL_MODEL_PARAMETERS:
+            _worker_setups.clear()
     _worker_setups[seed] = setup
     return setup
 
@@ -634,11 +644,7 @@ def _prepare_task(seed, i, seeds, args, spec) -> tuple[dict, dict]:
 
 
 def _method_task(seed, i, j, name, seeds, args, spec, attacks) -> dict:
-    import transformers
-
     from .workers import RemoteProgress
-
-    transformers.utils.logging.disable_progress_bar()  # no weight-loading bar each time a worker loads a seed
 
     return run_logged(_worker_setup(seed, i, seeds, args, spec, quiet=True), i, j, name, spec, attacks,
                       RemoteProgress())
@@ -665,7 +671,7 @@ def run_seeds(seeds, args, spec: RunSpec, methods, attacks, jobs: int, progress:
     for seed in seeds:
         info, timings = results[seed]
         rows = {name: results[seed, name] for name in methods}
-        out[seed] = rows, info, {**timings, **{name: r["seconds"] + r["attack_seconds"] for name, r in rows.items()}}
+        out[seed] = rows, info, seed_timings(timings, rows)
     return out
 
 
@@ -681,9 +687,10 @@ def run_main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     except (ValueError, FileNotFoundError, ImportError) as exc:
         return fail("run", exc)
-    jobs = default_jobs(len(seeds), torch.get_num_threads()) if args.jobs is None else min(args.jobs, len(seeds) * len(methods))
+    jobs = default_jobs(len(seeds), torch.get_num_threads()) if args.jobs is None \
+        else min(args.jobs, len(seeds) * len(methods))
     out = _output(args.output)
-    progress = Progress(len(seeds), methods, jobs)
+    progress = Progress(len(seeds), methods)
     if jobs > 1:
         log(f"{len(seeds)} seeds x {len(methods)} methods in {jobs} worker processes at {torch.get_num_threads()} "
             "thread(s) each, the costliest ready task first")
