@@ -81,3 +81,52 @@ def test_reference_nll_leaves_no_block_resident():
     tp.release_blocks()
     uf.reference_nll(model, examples)
     assert not any(tp._blocks.spare.values())
+
+
+def test_no_block_is_larger_than_the_head(monkeypatch):
+    """A pass's logits block holds at most max(V·H, 2**20) elements (the head's own size, which a gradient
+    pass holds anyway as d weight), whatever the number of tokens: with and without a gradient, for every
+    op, the IRM penalty's groups straight into the totals included. Chunking changes no figure beyond
+    fp32 rounding (against an fp64 reference in one piece)."""
+    vocab, hidden, seqs, length = 8192, 32, 4, 128  # V·H = 2**18 < 2**20: blocks of at most 128 rows
+    limit = tp.workspace_elems(vocab, hidden)
+    assert limit == 1 << 20
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(seqs * length, hidden, generator=g) * 0.3
+    w = torch.randn(vocab, hidden, generator=g) * 0.3
+    y = torch.randint(0, vocab, (seqs * length,), generator=g)
+    one_env = torch.zeros(seqs * length, dtype=torch.long)
+    taken = []
+    real_take = tp.take_block
+
+    def spy(rows, cols, dtype, device):
+        taken.append(rows * cols)
+        return real_take(rows, cols, dtype, device)
+
+    monkeypatch.setattr(tp, "take_block", spy)
+    tp.release_blocks()
+    seq_fn = lambda nll, ids: -torch.nn.functional.logsigmoid(-0.1 * nll)  # noqa: E731
+    ops = {
+        "ce": lambda hh, ww: uf.ops.linear_cross_entropy(hh, ww, y, backend="torch"),
+        "none": lambda hh, ww: uf.ops.linear_cross_entropy(hh, ww, y, reduction="none", backend="torch").sum(),
+        "penalty, one environment": lambda hh, ww: uf.ops.irm_penalty(hh, ww, y, one_env, num_envs=1,
+                                                                       backend="torch").penalty,
+        # 160 rows: more than a block (128) but what a group straight into totals already written may take
+        "penalty, 160 rows": lambda hh, ww: uf.ops.irm_penalty(hh[:160], ww, y[:160], one_env[:160], num_envs=1,
+                                                               backend="torch").penalty,
+        "sequence": lambda hh, ww: uf.ops.sequence_loss(hh.view(seqs, length, -1), ww, y.view(seqs, length),
+                                                        seq_fn, backend="torch").loss,
+    }
+    for name, fn in ops.items():
+        taken.clear()
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        fn(hh, ww).backward()
+        with torch.no_grad():
+            fn(h, w)
+        assert taken and max(taken) <= limit, (name, max(taken), limit)
+        if name == "ce":
+            h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+            torch.nn.functional.cross_entropy(h64 @ w64.T, y).backward()
+            torch.testing.assert_close(hh.grad, h64.grad.float(), rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(ww.grad, w64.grad.float(), rtol=1e-4, atol=1e-7)
+    tp.release_blocks()

@@ -20,7 +20,8 @@ import torch
 #   -> ((lse, zy, ez) [n_k], (∂s_k/∂h_k [n_k, H], ∂s_k/∂W [V, H], ∂s_k/∂b [V] | None)), compute dtype;
 # ∂s_k/∂W written into d_weight_out when one is given (overwritten, not added to).
 # A group pass that can also add a factor times its gradient into the totals takes, for groups of at most
-# ``direct_rows`` rows, group_pass(h_k, target_k, scale, grad_scale=f, into=(d_h_k, d_w, d_b, add)) with
+# ``direct_rows`` = (rows before the totals exist, rows after) rows,
+# group_pass(h_k, target_k, scale, grad_scale=f, into=(d_h_k, d_w, d_b, add)) with
 # f(lse, zy, ez) -> the factor (a scalar tensor) from the group's own statistics (one chunk).
 GroupPass = Callable[..., tuple]
 
@@ -42,12 +43,13 @@ def _put_rows(d_h: torch.Tensor, rows, values: torch.Tensor) -> None:
 
 
 def irm_penalty_pass(group_pass: GroupPass, h, weight, bias, target, env, half, num_envs: int, *,
-                     direct_rows: int = 0):
+                     direct_rows: tuple[int, int] = (0, 0)):
     """The IRMv1 penalty and its gradients, one ``group_pass`` per group; every row carries a label.
 
     ``env`` [N] is each row's environment and ``half`` [N] (0/1, or None for the biased penalty) its half.
     A group whose chain-rule factor is known when its own pass ends (2 s_k; with halves, the second
-    half's s of the first) and whose rows fit ``direct_rows`` goes straight into the totals: its pass
+    half's s of the first) and whose rows fit ``direct_rows`` (its first figure while no group has written
+    the totals yet, its second after) goes straight into the totals: its pass
     scales the small operands by the factor (no [V, H] group buffer, no fold). Any other group gets
     its own [V, H] buffer, folded into the total once the environment's factors are known (a folded
     buffer serves the next such group).
@@ -77,7 +79,7 @@ def irm_penalty_pass(group_pass: GroupPass, h, weight, bias, target, env, half, 
             rows = _rows_or_slice(rows)
             h_k, y_k = h[rows], target[rows]
             other = done[0][1] if i == 1 else None  # with halves, the second's factor is the first's s
-            if count <= direct_rows and (half is None or other is not None):
+            if count <= direct_rows[d_w is not None] and (half is None or other is not None):
                 def factor(lse, zy, ez, scale=scale, other=other):
                     return 2 * ((ez - zy).sum() * scale) if other is None else other
 

@@ -38,14 +38,23 @@ import torch
 from . import _irm_penalty
 from ._matmul import matmul_dtype, mm_into
 
-# fp32 elements of [chunk, V] workspace a pass may hold (2**24 floats = 64 MiB): as much as torch's
-# chunked linear CE holds with its 512-row chunks at V = 32k. A pass needs one block (plain CE) or
-# two (when E_p[z] or the p⊙z term is needed).
+# fp32 elements of [chunk, V] workspace a pass may hold: no more than the head's own size V·H (a
+# gradient pass holds a [V, H] d weight anyway, and with chunks of H rows or more its read-modify-write
+# per chunk is at most one byte per H/4 FLOPs of the chunk's matmul: not what bounds the pass), at
+# least 2**20 (4 MiB: a small head keeps whole batches in one chunk) and at most 2**24 (64 MiB: as
+# much as torch's chunked linear CE holds with its 512-row chunks at V = 32k). A pass needs one block
+# (plain CE) or two (when E_p[z] or the p⊙z term is needed). Every pass, with or without a gradient,
+# keeps to it: the blocks are cached between calls, so the largest one taken stays resident.
 _WORKSPACE_ELEMS = 1 << 24
+_WORKSPACE_MIN_ELEMS = 1 << 20
 
 
-def default_chunk(num_tokens: int, vocab: int, blocks: int = 2) -> int:
-    return max(1, min(num_tokens, _WORKSPACE_ELEMS // (blocks * max(vocab, 1))))
+def workspace_elems(vocab: int, hidden: int) -> int:
+    return min(_WORKSPACE_ELEMS, max(_WORKSPACE_MIN_ELEMS, vocab * hidden))
+
+
+def default_chunk(num_tokens: int, vocab: int, hidden: int, blocks: int = 2) -> int:
+    return max(1, min(num_tokens, workspace_elems(vocab, hidden) // (blocks * max(vocab, 1))))
 
 
 def logits_into(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -186,7 +195,7 @@ def chunked_pass(
     # the compiled row op needs one block whatever the coefficients (the torch ops two for E_p[z] or p⊙z)
     kernel = row_kernel(h.device, compute) if not callable(coeffs) else None
     two_blocks = kernel is None and (want_ez or callable(coeffs) or (coeffs is not None and coeffs.b is not None))
-    chunk = chunk or (max(n, 1) if grad_scale is not None else default_chunk(n, vocab, 2 if two_blocks else 1))
+    chunk = chunk or (max(n, 1) if grad_scale is not None else default_chunk(n, vocab, hidden, 2 if two_blocks else 1))
     mm = matmul or matmul_dtype(h.dtype, h.device)
     w = weight.to(mm)  # no copy on CUDA for bf16: W is never upcast
     bvec = bias.to(compute) if bias is not None else None
@@ -337,7 +346,7 @@ def backward_by_vocab(
     compute = torch.float64 if h.dtype == torch.float64 else torch.float32
     kernel = row_kernel(h.device, compute)
     two_blocks = coeffs.b is not None and kernel is None
-    block = block or max(1, _WORKSPACE_ELEMS // ((2 if two_blocks else 1) * max(n, 1)))
+    block = block or max(1, workspace_elems(vocab, hidden) // ((2 if two_blocks else 1) * max(n, 1)))
     block = min(block, vocab)
     mm = matmul or matmul_dtype(h.dtype, h.device)
     hc = h.to(mm)
@@ -413,7 +422,7 @@ def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, c
     vocab = weight.shape[0]
     sizes = [int(x) for x in lengths.tolist()]
     compute = torch.float64 if h.dtype == torch.float64 else torch.float32
-    budget = max(chunk or default_chunk(n, vocab, 1), max(sizes, default=1))
+    budget = max(chunk or default_chunk(n, vocab, hidden, 1), max(sizes, default=1))
     mm = matmul or matmul_dtype(h.dtype, h.device)
     w = weight.to(mm)
     bvec = bias.to(compute) if bias is not None else None
@@ -482,10 +491,13 @@ def irm_penalty_pass(h, weight, bias, target, env, half, num_envs: int, *, chunk
         return chunked_pass(h_k, weight, bias, target_k, valid, coeffs=Coeffs(full, full, full, a_ez=-full),
                             chunk=chunk, d_weight_out=d_weight_out, **direct)
 
-    # A group straight into the totals holds no [V, H] buffer of its own, so its one logits block may take
-    # the workspace and those V·H elements: the peak of the buffered strategy with one chunk fewer per group.
+    # A group straight into the totals holds no [V, H] buffer of its own. The first such group allocates
+    # the totals, which a buffered first group would use as its buffer: its block keeps to the workspace.
+    # A later one spares the buffered strategy's group buffer, so its block may take those V·H elements
+    # as well: in both cases the buffered strategy's peak, with fewer chunks.
     blocks = 1 if row_kernel(h.device, compute) is not None else 2
     vocab, hidden = weight.shape
-    direct_rows = chunk or (_WORKSPACE_ELEMS + vocab * hidden) // (blocks * vocab)
+    first = chunk or workspace_elems(vocab, hidden) // (blocks * vocab)
+    later = chunk or (workspace_elems(vocab, hidden) + vocab * hidden) // (blocks * vocab)
     return _irm_penalty.irm_penalty_pass(group_pass, h, weight, bias, target, env, half, num_envs,
-                                         direct_rows=direct_rows)
+                                         direct_rows=(first, later))
