@@ -260,33 +260,34 @@ inline Opmath<T> perturbed_vec(Opmath<T> theta, Opmath<T> step, Opmath<T> sc, bo
   return step + theta;
 }
 
-// b ← p (skipped when b is p);  p ← p + s·w⊙g
+// b ← p (skipped when b is p);  p ← p + s·w⊙g.  b may be g itself (the direction is consumed: it
+// holds θ afterwards, and no buffer is allocated), so every element of g is read before b is written.
 template <typename T>
-void perturb_range(T* __restrict__ p, const T* __restrict__ g, T* b, int64_t n, at::opmath_type<T> s, bool adaptive,
+void perturb_range(T* __restrict__ p, const T* g, T* b, int64_t n, at::opmath_type<T> s, bool adaptive,
                    bool stream) {
   constexpr int64_t W = Vectorized<T>::size();
   const bool backup = b != p;
   stream = stream && backup;
   const int64_t head = head_until_aligned(b, n, stream);
   for (int64_t i = 0; i < head; ++i) {
-    const T old = p[i];
+    const T old = p[i], step = g[i];
     if (backup) b[i] = old;
-    p[i] = perturbed(old, g[i], s, adaptive);
+    p[i] = perturbed(old, step, s, adaptive);
   }
   const Opmath<T> sv(s);
   int64_t i = head;
   for (; i + W <= n; i += W) {
     const Vectorized<T> old = Vectorized<T>::loadu(p + i);
-    if (backup) store(b + i, old, stream);
     Block<T> theta = to_block(old), step = load_block(g + i);
+    if (backup) store(b + i, old, stream);
     Block<T> out{perturbed_vec<T>(theta.lo, step.lo, sv, adaptive), Opmath<T>()};
     if constexpr (kReduced<T>) out.hi = perturbed_vec<T>(theta.hi, step.hi, sv, adaptive);
     to_storage(out).store(p + i);
   }
   for (; i < n; ++i) {
-    const T old = p[i];
+    const T old = p[i], step = g[i];
     if (backup) b[i] = old;
-    p[i] = perturbed(old, g[i], s, adaptive);
+    p[i] = perturbed(old, step, s, adaptive);
   }
   stream_fence(stream);
 }

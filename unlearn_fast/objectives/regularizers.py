@@ -42,9 +42,16 @@ def accumulate(params, grads, scale: float) -> None:
 
 
 @contextlib.contextmanager
-def moved_along(params, direction, step: float, *, adaptive: bool = False):
-    """θ ← θ + step · direction / ‖direction‖ (ASAM-weighted when adaptive) inside the block; exact restore after."""
-    state = ops.sam_perturb_(params, direction, step, adaptive=adaptive)
+def moved_along(params, direction, step: float, *, adaptive: bool = False, consume: bool = False):
+    """θ ← θ + step · direction / ‖direction‖ (ASAM-weighted when adaptive) inside the block; exact restore
+    after.
+
+    ``consume``: the direction's tensors become the backup of θ (the caller must not read them again):
+    no parameter-sized buffer is allocated, which on the CPU also spares its page faults every step."""
+    # a direction that cannot hold θ (another dtype, a stride the kernels do not take) gets a fresh backup
+    consume = consume and all(d is None or (d.dtype == p.dtype and d.is_contiguous() and p.is_contiguous())
+                              for p, d in zip(params, direction))
+    state = ops.sam_perturb_(params, direction, step, adaptive=adaptive, backup=direction if consume else None)
     try:
         yield state
     finally:
@@ -69,8 +76,8 @@ def sam_forget(params, loss_fn, weight: float, rho: float, adaptive: bool) -> di
     """SAM on the forget loss: g_f = ∇ℓ_f(θ + ρ g/‖g‖), accumulated ×weight (SPEC §1.3)."""
     loss, metrics = loss_fn()
     grads = grads_of(loss, params)
-    with moved_along(params, grads, rho, adaptive=adaptive) as state:
-        del grads
+    with moved_along(params, grads, rho, adaptive=adaptive, consume=True) as state:
+        del grads  # their storage holds θ now
         perturbed, _ = loss_fn()
         (weight * perturbed).backward()
     metrics.update(forget_loss=float(loss.detach()), forget_loss_perturbed=float(perturbed.detach()),

@@ -177,10 +177,11 @@ def _squared_norm(tensors, weights=None) -> torch.Tensor:
 
 
 def _torch_perturb(params, grads, backup, scale, adaptive):
+    # fp32 arithmetic (fp64 for fp64 weights), never scaling the caller's grads; one rounding to p's dtype.
+    # The steps are copied before the backup is written: the backup may be the grads themselves.
+    steps = [g.detach().to(_opmath(p.dtype), copy=True) for p, g in zip(params, grads)]
     if backup is not params:
         torch._foreach_copy_(backup, [p.detach() for p in params])
-    # fp32 arithmetic (fp64 for fp64 weights), never scaling the caller's grads; one rounding to p's dtype
-    steps = [g.detach().to(_opmath(p.dtype), copy=True) for p, g in zip(params, grads)]
     if adaptive:
         steps = [s.mul_(b.to(s.dtype).square()) for s, b in zip(steps, backup)]
     torch._foreach_mul_(steps, scale)
@@ -248,18 +249,23 @@ def sam_perturb_(params, grads, rho: float, *, adaptive: bool = False, backend: 
     """θ ← θ + ρ·g/‖g‖ in place (ASAM: ρ·|θ|²⊙g/‖|θ|⊙g‖), keeping a backup for ``sam_restore_``.
 
     ``backup``: optional preallocated tensors (one per parameter that has a gradient, in order) to
-    reuse across steps; by default a fresh one is allocated.
+    reuse across steps; by default a fresh one is allocated. It may be ``grads`` itself when the caller
+    has no further use for them (SAM's ascent direction): each element of g is read before θ is written
+    over it, so the direction's storage becomes the backup and the step allocates nothing.
     ``keep_backup=False``: no backup at all, for weights that are recomputed from fp32 masters
     anyway (the trainer's bf16 model weights); such a state is restored with
     ``uf.optim.restore_from_masters``, not ``sam_restore_``.
     """
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 0 or math.isinf(rho):
         raise ValueError(f"rho must be a finite non-negative number, got {rho!r}")
+    in_place = backup is grads  # the direction's storage becomes the backup (its None entries dropped alike)
     params, grads, device = _pairs(params, grads)
     engine = resolve_backend(backend, params, grads)
     if not params:
         zero = torch.zeros((), dtype=torch.float32)
         return SAMState([], [], zero, zero, backend=engine)
+    if in_place:
+        backup = [g.detach() for g in grads]
     if not keep_backup:
         backup = params  # the kernels write θ over itself before moving it: no extra memory
     elif backup is not None:
