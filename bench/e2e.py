@@ -29,6 +29,7 @@ must agree).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import statistics
@@ -65,6 +66,14 @@ HPARAMS = dict(beta=0.1, forget_weight=1.0, retain_weight=1.0, sam_rho=0.01, irm
                rmu_steering=6.5, rmu_alpha=1200.0, rmu_lr=5e-5, seed=0,
                adv_eps=0.05, adv_steps=10, adv_step_size=1e-4)  # C-AdvUL: the public code's attack
 PROMPT = 8  # label -100 on the first tokens of every sequence (the "question")
+
+
+# On the CPU each variant runs in two processes: one measures peak memory under the allocation policy
+# that makes the resident set track live memory (every block over 128 KiB mmapped and returned at
+# free: a fresh large tensor is new pages, faulted in as it is first written), the other ("@time")
+# measures step times under glibc's default policy, the one a training script runs with (freed blocks
+# up to 32 MiB are reused from the heap). On CUDA the caching allocator serves both in one process.
+TIMING = "time"
 
 
 # -- worker ---------------------------------------------------------------------------------------
@@ -173,9 +182,12 @@ def ref_stepper(model, method):
 
 
 def worker(variant: str, shape: dict, steps: int, warmup: int, device: torch.device) -> None:
+    variant, _, measure = variant.partition("@")
     impl, method = parse_variant(variant)
-    with PeakMemory(device):  # the first PeakMemory also fixes glibc's allocation policy (CPU)
-        pass
+    timing = measure == TIMING
+    if not timing:
+        with PeakMemory(device):  # the first PeakMemory also fixes glibc's allocation policy (CPU)
+            pass
     # The reference's double backprop needs the math attention path; everything else uses sdpa.
     attn = "eager" if impl in ("ref", "plain") and parse_method(method).ilu else "sdpa"
     model = build_model(shape, device, attn)
@@ -190,7 +202,7 @@ def worker(variant: str, shape: dict, steps: int, warmup: int, device: torch.dev
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     times, cpu_times, first_loss = [], [], None
     try:
-        with PeakMemory(device) as mem:
+        with (contextlib.nullcontext(None) if timing else PeakMemory(device)) as mem:
             gradients = (ours_stepper(model, method, forget) if impl == "ours" else
                          plain_stepper(model, method, forget) if impl == "plain" else ref_stepper(model, method))
             lr = HPARAMS["rmu_lr"] if method == "rmu" else HPARAMS["lr"]
@@ -228,6 +240,10 @@ def worker(variant: str, shape: dict, steps: int, warmup: int, device: torch.dev
         worker_report(impl=impl, method=method, fits=False)
         return
     median = statistics.median(times)
+    if timing:
+        worker_report(impl=impl, method=method, median_step_s=median, tokens_per_s=tokens / median,
+                      median_cpu_s=statistics.median(cpu_times), fits=True, **attack_cost)
+        return
     base = mem.base
     # The training state both implementations hold alike: gradients of the trainable weights and the
     # optimizer's state. What is left of the peak is what the method itself costs (reference-model
@@ -242,6 +258,23 @@ def worker(variant: str, shape: dict, steps: int, warmup: int, device: torch.dev
 
 
 # -- driver ---------------------------------------------------------------------------------------
+
+TIME_FIELDS = ("median_step_s", "tokens_per_s", "median_cpu_s")
+
+
+def merge_timing(memory: dict, timing: dict) -> dict:
+    """One variant's figures: peak memory (and the first-step objective) from its memory process, step
+    times from its timing process; the memory process's own step times are kept as ``*_mmap_policy``."""
+    if "error" in memory or "error" in timing or not memory.get("fits", True) or not timing.get("fits", True):
+        return memory if "error" in memory or not memory.get("fits", True) else timing
+    merged = dict(memory)
+    for key in TIME_FIELDS:
+        if key in memory:
+            merged[f"{key}_mmap_policy"] = memory[key]
+    merged.update({k: v for k, v in timing.items() if k not in ("impl", "method", "fits", "rounds")})
+    merged["timing_allocator"] = "glibc default (own process)"
+    return merged
+
 
 def summarise(results: dict) -> tuple[dict, dict]:
     pairs = {
@@ -387,7 +420,11 @@ def main(argv=None):
     worker_args = ["--shape", json.dumps(shape), "--steps", str(steps), "--warmup", str(warmup),
                    "--device", device.type, "--threads", str(threads)]
     loads = {}
-    results = run_variants(__file__, variants, worker_args, timeout=3600, loads=loads, rounds=args.rounds)
+    split = not on_gpu  # memory and step times from separate processes (see TIMING)
+    runs = [w for v in variants for w in ((v, f"{v}@{TIMING}") if split else (v,))]
+    results = run_variants(__file__, runs, worker_args, timeout=3600, loads=loads, rounds=args.rounds)
+    if split:
+        results = {v: merge_timing(results[v], results[f"{v}@{TIMING}"]) for v in variants}
     ratios, targets = summarise(results)
     env = environment(device)
     command = "python bench/e2e.py " + (f"--model-size {size}" if size not in ("quick",) else "--quick")

@@ -39,6 +39,8 @@ def test_e2e_smoke_schema_and_ratios(tmp_path):
         # gradients + AdamW's two moments of every (trainable) weight
         assert fig["training_state_mb"] == pytest.approx(3 * fig["model_mb"], rel=1e-3)  # + AdamW step counters
         assert fig["peak_method_mb"] == pytest.approx(fig["peak_extra_mb"] - fig["training_state_mb"])
+        # CPU: step times from a process with glibc's default allocator, memory from the mmap-policy one
+        assert fig["timing_allocator"].startswith("glibc default") and fig["median_step_s_mmap_policy"] > 0
     ratios = run["ratios"]
     # only the ratios whose two variants ran
     assert set(ratios) == {"ref_over_ours_time", "ref_over_ours_memory", "ref_over_ours_method_memory",
@@ -174,3 +176,17 @@ def test_plain_loop_gradients_match_ours():
         for a, b in zip(ours, theirs):
             assert torch.allclose(a, b, rtol=1e-3, atol=1e-5), (sam, irm, (a - b).abs().max())
         assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before)), "θ restored exactly"
+
+
+def test_e2e_merge_timing_takes_times_from_the_timing_process():
+    e2e = _e2e()
+    memory = {"impl": "ours", "method": "npo", "median_step_s": 2.0, "tokens_per_s": 50.0, "median_cpu_s": 2.0,
+              "peak_extra_mb": 300.0, "first_loss": 1.5, "fits": True, "rounds": 2}
+    timing = {"impl": "ours", "method": "npo", "median_step_s": 1.0, "tokens_per_s": 100.0, "median_cpu_s": 0.9,
+              "fits": True, "rounds": 2}
+    merged = e2e.merge_timing(memory, timing)
+    assert merged["median_step_s"] == 1.0 and merged["tokens_per_s"] == 100.0 and merged["median_cpu_s"] == 0.9
+    assert merged["median_step_s_mmap_policy"] == 2.0 and merged["peak_extra_mb"] == 300.0
+    assert merged["first_loss"] == 1.5 and merged["rounds"] == 2
+    failed = {"error": "boom"}
+    assert e2e.merge_timing(failed, timing) == failed and e2e.merge_timing(memory, failed) == failed
