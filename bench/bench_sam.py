@@ -192,7 +192,7 @@ def worker(variant, shapes, repeat):
         perturb_t.append(t)
         restore_t.append(timed(lambda: restore_fn(st), device, "restore")[0])
         copy_t.append(timed(lambda: dst.copy_(src), device, "copy")[0])
-    del src, dst
+    src = dst = None  # the copy's buffers freed before the step below (the lambdas above are done)
 
     # one SAM step's bookkeeping: norm + perturb + restore + AdamW
     opt_params = [torch.nn.Parameter(p) if not isinstance(p, torch.nn.Parameter) else p for p in params]

@@ -48,6 +48,7 @@ def test_aggregate_comparisons_are_paired():
     d = report["comparisons"]["npo+sam vs npo"]["relearn_forget_acc"]
     diffs = [a - b for a, b in zip(RELEARN_SAM, RELEARN_NPO)]  # -0.08, -0.05, -0.11: sd 0.03
     half = t_quantile(0.975, 2) * 0.03 / math.sqrt(3)
+    assert sum(diffs) / len(diffs) == pytest.approx(-0.08)
     assert d["mean_diff"] == pytest.approx(-0.08)
     assert (d["ci_low"], d["ci_high"]) == (pytest.approx(-0.08 - half), pytest.approx(-0.08 + half))
     assert d["ci_high"] < 0 and d["n"] == 3
