@@ -228,7 +228,8 @@ def worker(variant: str, shape: dict, steps: int, warmup: int, device: torch.dev
     except torch.OutOfMemoryError:
         fits = False
     attack_cost = {}
-    if fits and parse_method(method).adv:  # after the peak: one attack step against a full forget fwd+bwd
+    keeps_times = timing or device.type != "cpu"  # a CPU memory process's times are only the mmap-policy ones
+    if fits and keeps_times and parse_method(method).adv:  # after the peak: one attack step vs a forget fwd+bwd
         from bench_embedding_attack import attack_step_fraction
 
         attack_cost = attack_step_fraction(model, forget[0], device, attack_steps=HPARAMS["adv_steps"],
@@ -240,9 +241,10 @@ def worker(variant: str, shape: dict, steps: int, warmup: int, device: torch.dev
         worker_report(impl=impl, method=method, fits=False)
         return
     median = statistics.median(times)
+    timed = dict(impl=impl, method=method, median_step_s=median, tokens_per_s=tokens / median,
+                 median_cpu_s=statistics.median(cpu_times), fits=True, **attack_cost)
     if timing:
-        worker_report(impl=impl, method=method, median_step_s=median, tokens_per_s=tokens / median,
-                      median_cpu_s=statistics.median(cpu_times), fits=True, **attack_cost)
+        worker_report(**timed)
         return
     base = mem.base
     # The training state both implementations hold alike: gradients of the trainable weights and the
@@ -250,11 +252,9 @@ def worker(variant: str, shape: dict, steps: int, warmup: int, device: torch.dev
     # copies, logits, clones, activations, workspaces).
     state_bytes = sum(p.numel() * p.element_size() for p in params) + sum(
         t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
-    worker_report(impl=impl, method=method, median_step_s=median, tokens_per_s=tokens / median,
-                  median_cpu_s=statistics.median(cpu_times),
-                  peak_extra_mb=mem.extra / 2**20, peak_total_mb=(base + mem.extra) / 2**20,
+    worker_report(**timed, peak_extra_mb=mem.extra / 2**20, peak_total_mb=(base + mem.extra) / 2**20,
                   training_state_mb=state_bytes / 2**20, peak_method_mb=(mem.extra - state_bytes) / 2**20,
-                  model_mb=param_bytes / 2**20, first_loss=first_loss, fits=True, **attack_cost)
+                  model_mb=param_bytes / 2**20, first_loss=first_loss)
 
 
 # -- driver ---------------------------------------------------------------------------------------

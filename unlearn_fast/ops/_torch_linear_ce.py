@@ -497,7 +497,8 @@ def irm_penalty_pass(h, weight, bias, target, env, half, num_envs: int, *, chunk
     # as well: in both cases the buffered strategy's peak, with fewer chunks.
     blocks = 1 if row_kernel(h.device, compute) is not None else 2
     vocab, hidden = weight.shape
-    first = chunk or workspace_elems(vocab, hidden) // (blocks * vocab)
-    later = chunk or (workspace_elems(vocab, hidden) + vocab * hidden) // (blocks * vocab)
+    workspace = workspace_elems(vocab, hidden)
+    first = chunk or workspace // (blocks * vocab)
+    later = chunk or (workspace + vocab * hidden) // (blocks * vocab)
     return _irm_penalty.irm_penalty_pass(group_pass, h, weight, bias, target, env, half, num_envs,
                                          direct_rows=(first, later))
