@@ -4,17 +4,26 @@ Variants (each in its own process, so its peak memory is its own; the list is ru
 interleaved, and each figure is the median over the rounds):
   naive_loop      the public SAM code's approach: per-parameter Python loop, per-tensor norms stacked,
                   e_w = scale·g kept per parameter, restore by subtraction (not exact in bf16)
-  foreach_strong  THE STRONG BASELINE: what a practitioner writes with torch alone, done well —
+  foreach_strong  THE STRONG BASELINE (the issue's): what a practitioner writes with torch alone, done well —
                   native-dtype torch._foreach_norm, _foreach_copy_ into a PREALLOCATED backup,
                   _foreach_add_(alpha=ρ/‖g‖), _foreach_copy_ back; the step with
                   torch.optim.AdamW(fused=True) (sam_step_s) and AdamW(foreach=True) (sam_step_foreach_adamw_s)
+  foreach_swap    the same with davda54/sam's restore, ``p.data = old_p``: a storage trade with the
+                  preallocated backup instead of the copy back (the two buffers ping-pong across steps)
+  torch_out_swap  the strongest torch-only form we could write: torch.add(θ, g, alpha=s, out=backup) per
+                  tensor (θ' straight into the backup), then the storage trade, and the trade back to restore
   uf_torch        uf.ops with backend="torch" (the project's own foreach fallback: fp32 temporaries)
-  cpp             OURS: uf.ops with backend="cpp" (csrc/ multi-tensor ops), preallocated backup; the step
-                  with uf.optim.FusedAdamW(step(sam_state=...)) doing the restore inside the update
+  cpp_copy        uf.ops with backend="cpp", exchange=False: perturb with backup in one pass, restore by copy
+  cpp             OURS: uf.ops with backend="cpp" (csrc/ multi-tensor ops), preallocated backup,
+                  exchange=True (θ' written into the backup, which trades storage with θ; the restore
+                  trades back); the step with uf.optim.FusedAdamW(step(sam_state=...))
   triton_flat     (GPU) flattened parameters, backend="triton"
-Achieved GB/s counts the bytes each op must move (norm: read g; perturb: read θ, g, write θ, backup;
-restore: read backup, write θ); the machine's copy bandwidth (dst.copy_(src), 2 bytes moved per
-byte copied) is measured in the same process.
+The SAM bookkeeping (sam_s) is perturb + restore: every variant's perturb takes the global norm itself
+(norm_s is that part timed alone; files before 2026-12-02's second run added it twice).
+Achieved GB/s counts the bytes each variant's algorithm must move, in parameter-sized passes: norm 1
+(read g); perturb with backup 4 (read θ, g, write θ, backup; foreach copy_ then add_ is 5), perturb into
+the backup 3 (read θ, g, write backup); restore by copy 2, by storage trade 0. The machine's copy
+bandwidth (dst.copy_(src), 2 bytes moved per byte copied) is measured in the same process.
 
     python bench/bench_sam.py            # CPU: 32 layers, hidden 384, ~69M params fp32; GPU: 7B shapes bf16
     python bench/bench_sam.py --quick    # small shapes, a smoke run
@@ -38,7 +47,10 @@ CPU_SHAPES = dict(layers=32, hidden=384, intermediate=1024, vocab=16000, dtype="
 GPU_SHAPES = dict(layers=32, hidden=4096, intermediate=11008, vocab=32000, dtype="bfloat16")
 QUICK_SHAPES = dict(layers=4, hidden=128, intermediate=352, vocab=1000, dtype="float32")
 TINY_SHAPES = dict(layers=1, hidden=16, intermediate=40, vocab=50, dtype="float32")  # CI sanity run
-VARIANTS = ["naive_loop", "foreach_strong", "uf_torch", "cpp"]
+VARIANTS = ["naive_loop", "foreach_strong", "foreach_swap", "torch_out_swap", "uf_torch", "cpp_copy", "cpp"]
+# parameter-sized passes each variant's norm, perturb and restore move (see the docstring)
+PASSES = {"foreach_strong": (1, 5, 2), "foreach_swap": (1, 5, 0), "torch_out_swap": (1, 3, 0), "cpp": (1, 3, 0)}
+COPY_PASSES = (1, 4, 2)  # the others: perturb with backup, restore by copy
 GPU_VARIANTS = ["triton_flat"]
 RHO = 0.01
 
@@ -107,20 +119,37 @@ def timed(fn, device, label=None):
     return time.perf_counter() - t, out
 
 
-def strong_baseline(params, grads, backup):
-    """The practitioner's well-written torch SAM bookkeeping: native dtype, preallocated backup, no clones."""
+def strong_baseline(params, grads, backup, form="foreach_strong"):
+    """The practitioner's well-written torch SAM bookkeeping: native dtype, preallocated backup, no clones.
+
+    form: "foreach_strong" restores by copy; "foreach_swap" by trading storage with the backup (davda54/sam's
+    ``p.data = old_p``); "torch_out_swap" writes θ' into the backup with one add per tensor and trades."""
 
     def norm():
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2)), 2)
 
+    def trade():
+        for p, b in zip(params, backup):
+            p.data, b.data = b.data, p.data
+
+    @torch.no_grad()
     def perturb():
-        scale = RHO / norm().clamp_min(1e-12)
-        torch._foreach_copy_(backup, params)
-        torch._foreach_add_(params, grads, alpha=float(scale))  # one host read of the scale: free on a CPU
+        scale = float(RHO / norm().clamp_min(1e-12))  # one host read of the scale: free on a CPU
+        if form == "torch_out_swap":
+            for p, g, b in zip(params, grads, backup):
+                torch.add(p, g, alpha=scale, out=b)
+            trade()
+        else:
+            torch._foreach_copy_(backup, params)
+            torch._foreach_add_(params, grads, alpha=scale)
         return backup
 
+    @torch.no_grad()
     def restore(_):
-        torch._foreach_copy_(params, backup)
+        if form == "foreach_strong":
+            torch._foreach_copy_(params, backup)
+        else:
+            trade()
 
     return norm, perturb, restore
 
@@ -133,9 +162,11 @@ def worker(variant, shapes, repeat):
         pass
     params, grads, total = make_tensors(shapes, device, flat=variant == "triton_flat")
     es = params[0].element_size()
-    backend = {"uf_torch": "torch", "cpp": "cpp", "triton_flat": "triton"}.get(variant)
+    backend = {"uf_torch": "torch", "cpp": "cpp", "cpp_copy": "cpp", "triton_flat": "triton"}.get(variant)
+    exchange = variant == "cpp"
+    strong = variant in ("foreach_strong", "foreach_swap", "torch_out_swap")
     extra = {}
-    if variant == "cpp":
+    if backend == "cpp":
         from unlearn_fast.ops import _cpp
 
         uf.ops.global_grad_norm(grads[:1], backend="cpp")  # build / load the extension outside the timings
@@ -146,13 +177,11 @@ def worker(variant, shapes, repeat):
         norm_fn = lambda: naive_norm(grads)  # noqa: E731
         perturb_fn = lambda: naive_perturb(params, grads)  # noqa: E731
         restore_fn = lambda st: naive_restore(params, st)  # noqa: E731
-        fresh_perturb = perturb_fn
-    elif variant == "foreach_strong":
-        backup = [torch.empty_like(p) for p in params]
-        norm_fn, perturb_fn, restore_fn = strong_baseline(params, grads, backup)
-
-        def fresh_perturb():  # what one step allocates if the backup is not kept across steps
-            return strong_baseline(params, grads, [torch.empty_like(p) for p in params])[1]()
+        one_fresh_step = lambda: restore_fn(perturb_fn())  # noqa: E731
+    elif strong:
+        def one_fresh_step():  # what one step allocates if the backup is not kept across steps
+            _, perturb, restore = strong_baseline(params, grads, [torch.empty_like(p) for p in params], variant)
+            restore(perturb())
     else:
         if variant == "triton_flat":
             from unlearn_fast.flatten import flat_like
@@ -161,25 +190,21 @@ def worker(variant, shapes, repeat):
         else:
             backup = [torch.empty_like(p) for p in params]
         norm_fn = lambda: uf.ops.global_grad_norm(grads, backend=backend)  # noqa: E731
-        perturb_fn = lambda: uf.ops.sam_perturb_(params, grads, RHO, backend=backend, backup=backup)  # noqa: E731
+        perturb_fn = lambda: uf.ops.sam_perturb_(params, grads, RHO, backend=backend, backup=backup,  # noqa: E731
+                                                 exchange=exchange)
         restore_fn = uf.ops.sam_restore_
-        fresh_perturb = lambda: uf.ops.sam_perturb_(params, grads, RHO, backend=backend)  # noqa: E731
+        one_fresh_step = lambda: uf.ops.sam_restore_(  # noqa: E731
+            uf.ops.sam_perturb_(params, grads, RHO, backend=backend, exchange=exchange))
 
     # peak extra memory of one norm + perturb + restore, allocating what the method allocates
-    # (a fresh backup, as sam_perturb_ does by default; the strong baseline likewise)
-    if variant == "foreach_strong":
-        del backup  # measured with a fresh one below, then re-made for the timings
-    st = fresh_perturb()
-    restore_fn(st)
-    del st
+    # (a fresh backup, as sam_perturb_ does by default; the strong baselines likewise)
+    one_fresh_step()
     with PeakMemory(device) as mem:
-        norm_fn()
-        st = fresh_perturb()
-        restore_fn(st)
-        del st
-    if variant == "foreach_strong":
+        (norm_fn if not strong else strong_baseline(params, grads, [], variant)[0])()
+        one_fresh_step()
+    if strong:  # the preallocated backup, made after the measurement
         backup = [torch.empty_like(p) for p in params]
-        norm_fn, perturb_fn, restore_fn = strong_baseline(params, grads, backup)
+        norm_fn, perturb_fn, restore_fn = strong_baseline(params, grads, backup, variant)
 
     norm_t, perturb_t, restore_t, copy_t = [], [], [], []
     restore_fn(perturb_fn())  # warm-up
@@ -195,7 +220,10 @@ def worker(variant, shapes, repeat):
     src = dst = None  # the copy's buffers freed before the step below (the lambdas above are done)
 
     # one SAM step's bookkeeping: norm + perturb + restore + AdamW
-    opt_params = [torch.nn.Parameter(p) if not isinstance(p, torch.nn.Parameter) else p for p in params]
+    # the tensors become the optimizer's parameters in place (no plain alias left holding their storage,
+    # which would stop the exchange)
+    params[:] = [torch.nn.Parameter(p) if not isinstance(p, torch.nn.Parameter) else p for p in params]
+    opt_params = params
     for p, g in zip(opt_params, grads):
         p.grad = g
 
@@ -210,33 +238,41 @@ def worker(variant, shapes, repeat):
         opt = uf.optim.FusedAdamW(opt_params, lr=1e-5, weight_decay=0.0, backend="cpp")
 
         def sam_step():
-            state = uf.ops.sam_perturb_(opt_params, grads, RHO, backend="cpp", backup=backup)
+            state = uf.ops.sam_perturb_(opt_params, grads, RHO, backend="cpp", backup=backup, exchange=True)
             opt.step(sam_state=state)
         steps["sam_step_s"] = step_time(opt, sam_step)
     else:
         kinds = {"sam_step_s": dict(fused=True), "sam_step_foreach_adamw_s": dict(foreach=True)}
-        if variant != "foreach_strong":
+        if not strong:
             kinds = {"sam_step_s": dict(foreach=True)}
         for key, kind in kinds.items():
             opt = torch.optim.AdamW(opt_params, lr=1e-5, weight_decay=0.0, **kind)
 
             def sam_step():
-                st = perturb_fn()
-                restore_fn(st)
+                with torch.no_grad():
+                    st = perturb_fn()
+                    restore_fn(st)
                 opt.step()
             steps[key] = step_time(opt, sam_step)
 
     norm_s, perturb_s, restore_s = (statistics.median(x) for x in (norm_t, perturb_t, restore_t))
-    moved = {"norm": 1 * total * es, "perturb": 4 * total * es, "restore": 2 * total * es}
-    sam_s = norm_s + perturb_s + restore_s
+    # every variant's perturb takes the global norm itself (norm_s is that part, timed alone): the SAM
+    # bookkeeping is perturb + restore, and the norm's pass is counted once, in the perturb
+    n_norm, n_perturb, n_restore = PASSES.get(variant, COPY_PASSES)
+    moved = {"perturb": (n_norm + n_perturb) * total * es, "restore": n_restore * total * es}
+    if exchange:  # what the exchange did: a list whose tensors do not own their storage falls back to copies
+        moved_state = uf.ops.sam_perturb_(params, grads, RHO, backend=backend, backup=backup, exchange=True)
+        extra["exchanged_tensors"] = len(moved_state.exchanged)
+        uf.ops.sam_restore_(moved_state)
+    sam_s = perturb_s + restore_s
     copy_gbs = 2 * total * es / statistics.median(copy_t) / 1e9
-    achieved = sum(moved.values()) / (perturb_s + restore_s + norm_s) / 1e9
+    achieved = sum(moved.values()) / sam_s / 1e9
     if device.type == "cpu":
         # process CPU time (all threads): on a shared machine what the op costs whatever else runs;
         # with one thread it equals the wall time of a quiet machine
         cpu = {k: statistics.median(v) for k, v in CPU_TIMES.items()}
         threads = torch.get_num_threads()
-        extra["sam_cpu_s"] = (cpu["norm"] + cpu["perturb"] + cpu["restore"]) / threads
+        extra["sam_cpu_s"] = (cpu["perturb"] + cpu["restore"]) / threads
         extra["copy_gb_per_s_cpu"] = 2 * total * es / (cpu["copy"] / threads) / 1e9
         extra["fraction_of_copy_bw_cpu"] = sum(moved.values()) / extra["sam_cpu_s"] / 1e9 / extra["copy_gb_per_s_cpu"]
     worker_report(norm_s=norm_s, perturb_s=perturb_s, restore_s=restore_s, sam_s=sam_s, **steps,
@@ -300,6 +336,9 @@ def summarise(results, cuda):
     pairs = {
         "strong_over_ours_sam_time": ("foreach_strong", ours, "sam_s"),
         "strong_over_ours_step_time": ("foreach_strong", "cpp", "sam_step_s"),
+        "foreach_swap_over_ours_sam_time": ("foreach_swap", ours, "sam_s"),
+        "torch_out_swap_over_ours_sam_time": ("torch_out_swap", ours, "sam_s"),
+        "copy_restore_over_ours_sam_time": ("cpp_copy", "cpp", "sam_s"),
         "uf_torch_over_ours_sam_time": ("uf_torch", ours, "sam_s"),
         "naive_over_ours_sam_time": ("naive_loop", ours, "sam_s"),
         "ours_over_strong_peak_memory": (ours, "foreach_strong", "peak_extra_mb"),

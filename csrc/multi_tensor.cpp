@@ -260,45 +260,48 @@ inline Opmath<T> perturbed_vec(Opmath<T> theta, Opmath<T> step, Opmath<T> sc, bo
   return step + theta;
 }
 
-// b ← p (skipped when b is p);  p ← p + s·w⊙g.  b may be g itself (the direction is consumed: it
-// holds θ afterwards, and no buffer is allocated), so every element of g is read before b is written.
+// out ← p + s·w⊙g, and b ← p when b is given.  out may be p (moved in place) or g (the direction's
+// storage receives the moved weights: the exchange path), and b may be g (the direction's storage keeps θ);
+// so every element of p and g is read before anything is written over it.  `streamed` is the one
+// destination that is only written (b, or out when it is a separate buffer): non-temporal stores go there.
 template <typename T>
-void perturb_range(T* __restrict__ p, const T* g, T* b, int64_t n, at::opmath_type<T> s, bool adaptive,
-                   bool stream) {
+void perturb_range(const T* p, const T* g, T* out, T* b, int64_t n, at::opmath_type<T> s, bool adaptive,
+                   const T* streamed) {
   constexpr int64_t W = Vectorized<T>::size();
-  const bool backup = b != p;
-  stream = stream && backup;
-  const int64_t head = head_until_aligned(b, n, stream);
+  const bool stream_b = b != nullptr && b == streamed, stream_out = out == streamed;
+  const int64_t head = head_until_aligned(streamed, n, streamed != nullptr);
   for (int64_t i = 0; i < head; ++i) {
     const T old = p[i], step = g[i];
-    if (backup) b[i] = old;
-    p[i] = perturbed(old, step, s, adaptive);
+    if (b) b[i] = old;
+    out[i] = perturbed(old, step, s, adaptive);
   }
   const Opmath<T> sv(s);
   int64_t i = head;
   for (; i + W <= n; i += W) {
     const Vectorized<T> old = Vectorized<T>::loadu(p + i);
     Block<T> theta = to_block(old), step = load_block(g + i);
-    if (backup) store(b + i, old, stream);
-    Block<T> out{perturbed_vec<T>(theta.lo, step.lo, sv, adaptive), Opmath<T>()};
-    if constexpr (kReduced<T>) out.hi = perturbed_vec<T>(theta.hi, step.hi, sv, adaptive);
-    to_storage(out).store(p + i);
+    if (b) store(b + i, old, stream_b);
+    Block<T> moved{perturbed_vec<T>(theta.lo, step.lo, sv, adaptive), Opmath<T>()};
+    if constexpr (kReduced<T>) moved.hi = perturbed_vec<T>(theta.hi, step.hi, sv, adaptive);
+    store(out + i, to_storage(moved), stream_out);
   }
   for (; i < n; ++i) {
     const T old = p[i], step = g[i];
-    if (backup) b[i] = old;
-    p[i] = perturbed(old, step, s, adaptive);
+    if (b) b[i] = old;
+    out[i] = perturbed(old, step, s, adaptive);
   }
-  stream_fence(stream);
+  stream_fence(streamed != nullptr);
 }
 
-// backup ← θ;  θ ← θ + s·w⊙g  with w = 1 (SAM) or θ² (ASAM); s read from a device (here CPU) scalar.
-// backup may be params itself (no backup kept): then θ is only moved.
-void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backup, const at::Tensor& scale,
-                 bool adaptive) {
+// One pass over the list: out ← θ + s·w⊙g with w = 1 (SAM) or θ² (ASAM), s read from a device (here
+// CPU) scalar; backup ← θ when backup is given (it may be params itself: then nothing is kept).
+void perturb_lists(at::TensorList params, at::TensorList grads, at::TensorList out, at::TensorList backup,
+                   const at::Tensor& scale, bool adaptive) {
   check_matching("params", params, params);
   check_matching("grads", grads, params);
-  check_matching("backup", backup, params);
+  check_matching("out", out, params);
+  const bool keep = !backup.empty();
+  if (keep) check_matching("backup", backup, params);
   const float s = scale.to(at::kFloat).item<float>();
   const bool stream = bytes_of(params) >= stream_bytes();
   auto pieces = pieces_of(params);
@@ -306,14 +309,31 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
     for (int64_t k = lo; k < hi; ++k) {
       const Piece& pc = pieces[k];
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[pc.tensor].scalar_type(), "perturb", [&] {
-        scalar_t* p = params[pc.tensor].data_ptr<scalar_t>() + pc.begin;
+        const scalar_t* p = params[pc.tensor].const_data_ptr<scalar_t>() + pc.begin;
         const scalar_t* g = grads[pc.tensor].const_data_ptr<scalar_t>() + pc.begin;
-        scalar_t* b = backup[pc.tensor].data_ptr<scalar_t>() + pc.begin;
-        perturb_range<scalar_t>(p, g, b, pc.end - pc.begin, static_cast<at::opmath_type<scalar_t>>(s), adaptive,
-                                stream);
+        scalar_t* o = out[pc.tensor].data_ptr<scalar_t>() + pc.begin;
+        scalar_t* b = keep ? backup[pc.tensor].data_ptr<scalar_t>() + pc.begin : nullptr;
+        if (b == p) b = nullptr;  // no backup kept: θ is only moved
+        // the write-only destination: the backup (in place), or out when it is neither p nor g
+        const scalar_t* streamed = !stream ? nullptr : (b && b != g) ? b : (!b && o != p && o != g) ? o : nullptr;
+        perturb_range<scalar_t>(p, g, o, b, pc.end - pc.begin, static_cast<at::opmath_type<scalar_t>>(s), adaptive,
+                                streamed);
       });
     }
   });
+}
+
+// backup ← θ;  θ ← θ + s·w⊙g  (backup may be params itself: then θ is only moved).
+void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backup, const at::Tensor& scale,
+                 bool adaptive) {
+  perturb_lists(params, grads, params, backup, scale, adaptive);
+}
+
+// out ← θ + s·w⊙g with θ untouched (out may be grads): the exchange path writes the moved weights into
+// the buffer that then trades storage with θ, one write instead of two.
+void perturb_to_cpu(at::TensorList params, at::TensorList grads, at::TensorList out, const at::Tensor& scale,
+                    bool adaptive) {
+  perturb_lists(params, grads, out, {}, scale, adaptive);
 }
 
 // -- restore --------------------------------------------------------------------------------------
@@ -531,6 +551,7 @@ std::string capability() { return kCapability; }
 TORCH_LIBRARY(unlearn_fast, m) {
   m.def("squared_norm(Tensor[] tensors, Tensor[] weights, bool per_tensor) -> (Tensor, Tensor)");
   m.def("perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backup, Tensor scale, bool adaptive) -> ()");
+  m.def("perturb_to_(Tensor[] params, Tensor[] grads, Tensor(a!)[] out, Tensor scale, bool adaptive) -> ()");
   m.def("restore_(Tensor(a!)[] params, Tensor[] backup) -> ()");
   m.def("fd_hvp_accumulate_(Tensor(a!)[] acc, Tensor[] g_moved, Tensor[] g_base, Tensor coeff, "
         "Tensor(b!)[] params, Tensor[] backup) -> ()");
@@ -543,6 +564,7 @@ TORCH_LIBRARY(unlearn_fast, m) {
 TORCH_LIBRARY_IMPL(unlearn_fast, CPU, m) {
   m.impl("squared_norm", &squared_norm_cpu);
   m.impl("perturb_", &perturb_cpu);
+  m.impl("perturb_to_", &perturb_to_cpu);
   m.impl("restore_", &restore_cpu);
   m.impl("fd_hvp_accumulate_", &fd_hvp_accumulate_cpu);
   m.impl("adamw_step_", &adamw_step_cpu);

@@ -106,13 +106,15 @@ __global__ void squared_norm_kernel(const int64_t* table, int cols, float* parti
   if (threadIdx.x == 0) partial[blockIdx.x] = static_cast<float>(shared[0]);
 }
 
-template <typename T, bool Adaptive>
+// InPlace: column 2 is the backup (b ← θ, θ ← θ + s·w⊙g); otherwise column 2 is out (out ← θ + s·w⊙g,
+// θ untouched: the exchange path). Either may be g itself: each element is read before it is written.
+template <typename T, bool Adaptive, bool InPlace>
 __global__ void perturb_kernel(const int64_t* table, const float* scale) {
   using acc_t = at::opmath_type<T>;
   const int64_t* row = table + static_cast<int64_t>(blockIdx.x) * 5;
   T* p = col<T>(row, 0);
   const T* g = col<const T>(row, 1);
-  T* b = col<T>(row, 2);
+  T* d = col<T>(row, 2);
   const int64_t begin = row[3], n = row[4];
   const acc_t s = static_cast<acc_t>(*scale);
   for (int64_t i = begin + threadIdx.x; i < begin + n; i += blockDim.x) {
@@ -121,8 +123,13 @@ __global__ void perturb_kernel(const int64_t* table, const float* scale) {
     acc_t step = static_cast<acc_t>(g[i]);
     if (Adaptive) step = step * (theta * theta);
     step = step * s;
-    b[i] = old;
-    p[i] = static_cast<T>(step + theta);
+    const T moved = static_cast<T>(step + theta);
+    if (InPlace) {
+      d[i] = old;
+      p[i] = moved;
+    } else {
+      d[i] = moved;
+    }
   }
 }
 
@@ -213,22 +220,35 @@ std::tuple<at::Tensor, at::Tensor> squared_norm_cuda(at::TensorList tensors, at:
   return {total, per};
 }
 
-void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList backup, const at::Tensor& scale,
-                  bool adaptive) {
+template <bool InPlace>
+void perturb_lists_cuda(at::TensorList params, at::TensorList grads, at::TensorList dst, const at::Tensor& scale,
+                        bool adaptive) {
   const at::Device device = params[0].device();
   c10::cuda::CUDAGuard guard(device);
   auto stream = at::cuda::getCurrentCUDAStream();
   at::Tensor s = scale.to(device, at::kFloat).contiguous();
-  for (auto& l : plan({params, grads, backup}, device)) {
-    TORCH_CHECK(l.dtypes[0] == l.dtypes[1] && l.dtypes[0] == l.dtypes[2], "params, grads and backup must share dtypes");
+  for (auto& l : plan({params, grads, dst}, device)) {
+    TORCH_CHECK(l.dtypes[0] == l.dtypes[1] && l.dtypes[0] == l.dtypes[2], "params, grads and backup/out must share dtypes");
     UF_DISPATCH(l.dtypes[0], "perturb_cuda", [&] {
       if (adaptive)
-        perturb_kernel<scalar_t, true><<<l.rows, kThreads, 0, stream>>>(l.table.data_ptr<int64_t>(), s.data_ptr<float>());
+        perturb_kernel<scalar_t, true, InPlace><<<l.rows, kThreads, 0, stream>>>(l.table.data_ptr<int64_t>(),
+                                                                                 s.data_ptr<float>());
       else
-        perturb_kernel<scalar_t, false><<<l.rows, kThreads, 0, stream>>>(l.table.data_ptr<int64_t>(), s.data_ptr<float>());
+        perturb_kernel<scalar_t, false, InPlace><<<l.rows, kThreads, 0, stream>>>(l.table.data_ptr<int64_t>(),
+                                                                                  s.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
+}
+
+void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList backup, const at::Tensor& scale,
+                  bool adaptive) {
+  perturb_lists_cuda<true>(params, grads, backup, scale, adaptive);
+}
+
+void perturb_to_cuda(at::TensorList params, at::TensorList grads, at::TensorList out, const at::Tensor& scale,
+                     bool adaptive) {
+  perturb_lists_cuda<false>(params, grads, out, scale, adaptive);
 }
 
 void restore_cuda(at::TensorList params, at::TensorList backup) {
@@ -302,6 +322,7 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
 TORCH_LIBRARY_IMPL(unlearn_fast, CUDA, m) {
   m.impl("squared_norm", &squared_norm_cuda);
   m.impl("perturb_", &perturb_cuda);
+  m.impl("perturb_to_", &perturb_to_cuda);
   m.impl("restore_", &restore_cuda);
   m.impl("fd_hvp_accumulate_", &fd_hvp_accumulate_cuda);
   m.impl("adamw_step_", &adamw_step_cuda);

@@ -36,12 +36,17 @@ def _positive(fig, *keys):
 def test_bench_sam_has_the_strong_foreach_baseline(tmp_path):
     bench_sam = _script("bench_sam")
     out = tmp_path / "sam.json"
-    bench_sam.main(["--tiny", "--repeat", "1", "--rounds", "1", "--variants", "foreach_strong,cpp", "--json", str(out)])
+    bench_sam.main(["--tiny", "--repeat", "1", "--rounds", "1", "--variants",
+                    "naive_loop,foreach_strong,foreach_swap,torch_out_swap,cpp_copy,cpp", "--json", str(out)])
     run = json.loads(out.read_text())
     _check_machine(run)
     assert run["baseline"] == "foreach_strong"
     strong, ours = run["variants"]["foreach_strong"], run["variants"]["cpp"]
-    assert "error" not in strong and "error" not in ours, run["variants"]
+    assert not [v for v, fig in run["variants"].items() if "error" in fig], run["variants"]
+    assert ours["exchanged_tensors"] == ours["tensors"], "every tensor of the list owns its storage: all traded"
+    for key in ("foreach_swap_over_ours_sam_time", "torch_out_swap_over_ours_sam_time",
+                "copy_restore_over_ours_sam_time"):
+        assert key in run["ratios"], key
     _positive(strong, "sam_s", "sam_step_s", "sam_step_foreach_adamw_s", "copy_gb_per_s", "peak_extra_mb")
     _positive(ours, "sam_s", "sam_step_s", "copy_gb_per_s")
     assert ours["cpu_kernels"] in ("avx512", "avx2", "default") and ours["auto_backend"] in ("cpp", "torch")

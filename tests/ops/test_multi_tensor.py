@@ -442,3 +442,114 @@ def test_direction_as_its_own_backup(dtype, adaptive, big, mt_backend):
     assert all(torch.equal(bits(g), b) for g, b in zip(grads, before))
     uf.ops.sam_restore_(state)
     assert all(torch.equal(bits(p.detach()), b) for p, b in zip(params, before))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("big", [False, True])
+@pytest.mark.parametrize("consume", [False, True])
+def test_exchange_matches_the_copy_path(dtype, adaptive, big, consume, mt_backend):
+    """exchange=True: θ' is written into the backup, which trades storage with θ. The moved weights are
+    bit for bit the copy path's, the backup holds θ, the restore trades back (each parameter on its own
+    storage again, exact) and allocates nothing; a view (the big list's unaligned slice of a larger
+    buffer) is copied instead. The Triton engine never exchanges."""
+    if big and (mt_backend == "triton" or dtype == torch.float16):
+        pytest.skip("the streaming sizes are a C++/foreach matter; one reduced dtype is enough")
+    params, grads = _big_lists(dtype, seed=12) if big else make(dtype, seed=5)
+    twin = [p.detach().clone() for p in params]
+    before = [bits(p.detach()).clone() for p in params]
+    rho = 0.5 if adaptive else 0.05
+    separate = uf.ops.sam_perturb_(twin, [g.clone() for g in grads], rho, adaptive=adaptive, backend=mt_backend)
+    backup = grads if consume else [torch.empty_like(p) for p in params]
+    p_ptrs, b_ptrs = [p.data_ptr() for p in params], [b.data_ptr() for b in backup]
+    state = uf.ops.sam_perturb_(params, grads, rho, adaptive=adaptive, backend=mt_backend, backup=backup,
+                                exchange=True)
+    assert torch.equal(state.norm, separate.norm)
+    owners = [p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in params]
+    expected = [] if mt_backend == "triton" else [i for i, own in enumerate(owners) if own]
+    assert [i for i, p in enumerate(params) if any(p is q for q, _ in state.exchanged)] == expected
+    if big and mt_backend != "triton":
+        assert expected == [1, 2], "the slice of a larger buffer is not exchanged"
+    for i, (p, b, t) in enumerate(zip(params, backup, twin)):
+        assert torch.equal(bits(p.detach()), bits(t)), f"θ'[{i}]"
+        assert torch.equal(bits(b), before[i]), f"backup[{i}] holds θ"
+        if i in expected:  # traded: no buffer written besides the backup's
+            assert (p.data_ptr(), b.data_ptr()) == (b_ptrs[i], p_ptrs[i])
+        else:
+            assert p.data_ptr() == p_ptrs[i]
+    uf.ops.sam_restore_(state)
+    assert [p.data_ptr() for p in params] == p_ptrs
+    assert all(torch.equal(bits(p.detach()), b) for p, b in zip(params, before))
+    for i in expected:  # the backup got its storage back, now holding θ'
+        assert backup[i].data_ptr() == b_ptrs[i] and torch.equal(bits(backup[i]), bits(twin[i]))
+
+
+def test_exchange_leaves_shared_storage_alone(mt_backend):
+    """A parameter that another tensor views keeps its storage: it is moved and restored by copy, and the
+    alias sees θ' while moved. A live graph that saved a parameter sees the move as an in-place change
+    (its backward fails, as it does on the copy path) instead of silently using θ'."""
+    params, grads = make(torch.float32, seed=6)
+    before = [p.detach().clone() for p in params]
+    alias = params[0].view(-1)
+    saved = torch.sin(params[1]).sum()  # sin saves its input
+    state = uf.ops.sam_perturb_(params, grads, 0.05, backend=mt_backend, backup=grads, exchange=True)
+    exchanged = {id(p) for p, _ in state.exchanged}
+    assert id(params[0]) not in exchanged
+    assert torch.equal(alias, params[0].detach().view(-1)) and not torch.equal(alias, before[0].view(-1))
+    if mt_backend != "triton":
+        assert len(exchanged) == len(params) - 1
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
+    uf.ops.sam_restore_(state)
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+
+
+def test_exchanged_state_restored_by_the_fused_update_and_fd_hvp(cpp_ops):
+    """FusedAdamW.step(sam_state=...) and fd_hvp_accumulate_(restore=...) take an exchanged state: the
+    update is the one a restore-then-step gives, and the accumulation leaves θ exact."""
+    params, grads = make(torch.float32, seed=7)
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, r, g in zip(params, ref, grads):
+        p.grad, r.grad = g.clone(), g.clone()
+    fused = uf.optim.FusedAdamW(params, lr=1e-2, weight_decay=0.1, backend="cpp")
+    plain = uf.optim.FusedAdamW(ref, lr=1e-2, weight_decay=0.1, backend="cpp")
+    state = uf.ops.sam_perturb_(params, [g.clone() for g in grads], 0.3, backend="cpp",
+                                backup=[torch.empty_like(p) for p in params], exchange=True)
+    assert len(state.exchanged) == len(params)
+    fused.step(sam_state=state)
+    plain.step()
+    assert state.restored and not state.exchanged
+    assert all(torch.equal(p.detach(), r.detach()) for p, r in zip(params, ref))
+
+    before = [p.detach().clone() for p in params]
+    acc = [torch.zeros_like(p) for p in params]
+    state = uf.ops.sam_perturb_(params, [g.clone() for g in grads], 0.3, backend="cpp",
+                                backup=[torch.empty_like(p) for p in params], exchange=True)
+    uf.ops.fd_hvp_accumulate_(acc, grads, None, 2.0, restore=state, backend="cpp")
+    assert state.restored
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+    assert all(torch.equal(a, 2.0 * g) for a, g in zip(acc, grads))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_session.sh tests)")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("exchange", [False, True])
+def test_cuda_kernels_match_the_foreach_path(dtype, adaptive, exchange):
+    """The CUDA multi-tensor kernels (perturb with backup, perturb into the backup for the exchange, restore)
+    against the torch path on the same device: θ' within one rounding, the restore exact."""
+    params, grads = make(dtype, seed=9)
+    params = [torch.nn.Parameter(p.detach().cuda()) for p in params]
+    grads = [g.cuda() for g in grads]
+    twin = [p.detach().clone() for p in params]
+    theta = [p.detach().cpu().clone() for p in params]
+    before = [bits(p.detach()).clone() for p in params]
+    rho = 0.5 if adaptive else 0.05
+    want = uf.ops.sam_perturb_(twin, [g.clone() for g in grads], rho, adaptive=adaptive, backend="torch")
+    state = uf.ops.sam_perturb_(params, grads, rho, adaptive=adaptive, backend="cpp", backup=grads, exchange=exchange)
+    assert len(state.exchanged) == (len(params) if exchange else 0)
+    assert torch.allclose(state.norm, want.norm, rtol=1e-6)
+    for p, t, th in zip(params, twin, theta):  # the norm's reduction order may differ: a rounding of the scale
+        assert max_ulps(p.detach().cpu(), t.cpu(), th) <= 2.0
+    uf.ops.sam_restore_(state)
+    assert all(torch.equal(bits(p.detach()), b) for p, b in zip(params, before))

@@ -47,11 +47,14 @@ def moved_along(params, direction, step: float, *, adaptive: bool = False, consu
     after.
 
     ``consume``: the direction's tensors become the backup of θ (the caller must not read them again):
-    no parameter-sized buffer is allocated, which on the CPU also spares its page faults every step."""
+    no parameter-sized buffer is allocated, which on the CPU also spares its page faults every step.
+    The moved weights are written into the backup, which then trades storage with θ (``exchange=True``):
+    one parameter-sized write to move, none to restore, wherever a parameter owns its storage alone."""
     # a direction that cannot hold θ (another dtype, a stride the kernels do not take) gets a fresh backup
     consume = consume and all(d is None or (d.dtype == p.dtype and d.is_contiguous() and p.is_contiguous())
                               for p, d in zip(params, direction))
-    state = ops.sam_perturb_(params, direction, step, adaptive=adaptive, backup=direction if consume else None)
+    state = ops.sam_perturb_(params, direction, step, adaptive=adaptive, backup=direction if consume else None,
+                             exchange=True)
     try:
         yield state
     finally:

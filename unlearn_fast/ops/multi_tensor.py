@@ -45,6 +45,15 @@ class SAMState:
     restored: bool = field(default=False)
     backend: str = field(default="torch")
     has_backup: bool = field(default=True)
+    # (param, backup) pairs that traded storage in sam_perturb_(exchange=True): the param holds θ' in what was
+    # the backup's storage and the backup holds θ; undo_exchange() trades them back (no copy)
+    exchanged: list = field(default_factory=list)
+
+    def undo_exchange(self) -> None:
+        """Trade the exchanged pairs' storage back: each param holds θ again, its backup θ'."""
+        for p, b in self.exchanged:
+            _trade_storage(p, b)
+        self.exchanged = []
 
 
 def _check_list(name: str, tensors) -> list:
@@ -189,6 +198,16 @@ def _torch_perturb(params, grads, backup, scale, adaptive):
         p.copy_(s.add_(b.to(s.dtype)))
 
 
+def _torch_perturb_to(params, grads, out, scale, adaptive):
+    # out ← θ + s·w⊙g with θ untouched, the operations of _torch_perturb in its order (same roundings)
+    steps = [g.detach().to(_opmath(p.dtype), copy=True) for p, g in zip(params, grads)]
+    if adaptive:
+        steps = [s.mul_(p.detach().to(s.dtype).square()) for s, p in zip(steps, params)]
+    torch._foreach_mul_(steps, scale)
+    for p, o, s in zip(params, out, steps):
+        o.copy_(s.add_(p.detach().to(s.dtype)))
+
+
 def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -243,9 +262,49 @@ def _check_backup(backup, params):
     return backup
 
 
+def _sole_owner(t: torch.Tensor) -> bool:
+    """t is a plain dense tensor that is the only view of its whole storage (no other view or alias of it).
+
+    A graph that saved t does not show here (it holds t itself): the trade bumps t's version counter instead."""
+    # a plain tensor or parameter (no wrapper subclass such as DTensor), dense, contiguous from its storage's start
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided or not t.is_contiguous() \
+            or t.storage_offset() != 0:
+        return False
+    storage = t.untyped_storage()
+    if storage.nbytes() != t.numel() * t.element_size():
+        return False
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    # this tensor's reference and the `storage` wrapper's; any other view or alias adds one
+    return use_count is not None and use_count(storage._cdata) == 2
+
+
+def _exchangeable(params, backup) -> list[bool]:
+    seen: set[int] = set()
+    flags = []
+    for p, b in zip(params, backup):
+        ok = (b is not p and id(p) not in seen and id(b) not in seen and p.dtype == b.dtype and p.device == b.device
+              and p.shape == b.shape and _sole_owner(p) and _sole_owner(b))
+        seen.update((id(p), id(b)))
+        flags.append(ok)
+    return flags
+
+
+def _trade_storage(a: torch.Tensor, b: torch.Tensor) -> None:
+    a_data, b_data = a.data, b.data
+    a.data, b.data = b_data, a_data
+    _bump_versions([a, b])
+
+
+def _bump_versions(tensors) -> None:
+    """Count a change made outside autograd's sight (a storage trade, a compiled kernel's write) as an in-place
+    one: a live graph that saved one of these tensors then fails at backward instead of using the new values."""
+    for t in tensors:
+        torch.autograd.graph.increment_version(t)
+
+
 @torch.no_grad()
 def sam_perturb_(params, grads, rho: float, *, adaptive: bool = False, backend: str | None = None,
-                 backup=None, keep_backup: bool = True) -> SAMState:
+                 backup=None, keep_backup: bool = True, exchange: bool = False) -> SAMState:
     """θ ← θ + ρ·g/‖g‖ in place (ASAM: ρ·|θ|²⊙g/‖|θ|⊙g‖), keeping a backup for ``sam_restore_``.
 
     ``backup``: optional preallocated tensors (one per parameter that has a gradient, in order) to
@@ -255,6 +314,14 @@ def sam_perturb_(params, grads, rho: float, *, adaptive: bool = False, backend: 
     ``keep_backup=False``: no backup at all, for weights that are recomputed from fp32 masters
     anyway (the trainer's bf16 model weights); such a state is restored with
     ``uf.optim.restore_from_masters``, not ``sam_restore_``.
+    ``exchange=True``: θ' is written into the backup's storage (read θ and g, write one buffer) and each
+    parameter then trades storage with its backup, so the parameter holds θ' and the backup θ, as above;
+    ``sam_restore_`` trades them back instead of copying. One parameter-sized write per step instead of
+    three. Only pairs that are the sole owners of their whole storage are exchanged (no view of a flat
+    buffer, no alias; the Triton flat path never); the rest are copied. The trade counts as an in-place
+    change: a live graph that saved a parameter fails at backward, as after the copy path.
+    While moved, an exchanged parameter's ``data_ptr()`` is its backup's: code that caches weight
+    addresses (CUDA graphs) must leave this off.
     """
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 0 or math.isinf(rho):
         raise ValueError(f"rho must be a finite non-negative number, got {rho!r}")
@@ -265,7 +332,8 @@ def sam_perturb_(params, grads, rho: float, *, adaptive: bool = False, backend: 
         zero = torch.zeros((), dtype=torch.float32)
         return SAMState([], [], zero, zero, backend=engine)
     if in_place:
-        backup = [g.detach() for g in grads]
+        # the caller's own tensors when they may trade storage (they must hold θ afterwards), else aliases
+        backup = list(grads) if exchange and keep_backup else [g.detach() for g in grads]
     if not keep_backup:
         backup = params  # the kernels write θ over itself before moving it: no extra memory
     elif backup is not None:
@@ -274,19 +342,41 @@ def sam_perturb_(params, grads, rho: float, *, adaptive: bool = False, backend: 
         backup = _new_backup(params, engine)
     norm = _all_reduce_sum(_squared_norm_by(engine, grads, params if adaptive else None)).sqrt()
     scale = rho / norm.clamp_min(_TINY)  # n = 0 gives s = 0 (and 0·g = 0), never NaN
-    if engine == "cpp":
+    exchanged = []
+    if exchange and keep_backup and engine != "triton":
+        flags = _exchangeable(params, backup)
+        if any(flags):
+            ex = [(p, g, b) for p, g, b, f in zip(params, grads, backup, flags) if f]
+            ex_p, ex_g, ex_b = ([t[k] for t in ex] for k in range(3))
+            if engine == "cpp":
+                from . import _cpp
+
+                _cpp.ops().perturb_to_([p.detach() for p in ex_p], [g.detach() for g in ex_g], ex_b, scale, adaptive)
+            else:
+                _torch_perturb_to(ex_p, ex_g, ex_b, scale, adaptive)
+            for p, b in zip(ex_p, ex_b):
+                _trade_storage(p, b)
+            exchanged = list(zip(ex_p, ex_b))
+            rest = [(p, g, b) for p, g, b, f in zip(params, grads, backup, flags) if not f]
+            params, grads, backup = ([t[k] for t in rest] for k in range(3))
+    if not params:
+        pass  # every pair was exchanged
+    elif engine == "cpp":
         from . import _cpp
 
         _cpp.ops().perturb_(params, grads, backup, scale, adaptive)
+        _bump_versions(params)
     elif engine == "triton":
         from unlearn_fast.flatten import flat_groups
         from unlearn_fast.kernels import multi_tensor as k
 
         for (pf, gf), (bf, _) in zip(flat_groups(params, grads), flat_groups(backup, params)):
             k.perturb_(pf, gf, bf, scale, adaptive)
+        _bump_versions(params)
     else:
         _torch_perturb(params, grads, backup, scale, adaptive)
-    return SAMState(params, backup if keep_backup else [], norm, scale, backend=engine, has_backup=keep_backup)
+    return SAMState(params, backup if keep_backup else [], norm, scale, backend=engine, has_backup=keep_backup,
+                    exchanged=exchanged)
 
 
 def _new_backup(params, engine):
@@ -299,7 +389,8 @@ def _new_backup(params, engine):
 
 @torch.no_grad()
 def sam_restore_(state: SAMState) -> None:
-    """Put the weights back exactly as they were before ``sam_perturb_`` (a copy of the backup)."""
+    """Put the weights back exactly as they were before ``sam_perturb_`` (a copy of the backup; exchanged pairs
+    trade storage back, after which their backup holds θ')."""
     if not isinstance(state, SAMState):
         raise TypeError(f"state must be the SAMState returned by sam_perturb_, got {type(state).__name__}")
     if state.restored:
@@ -307,17 +398,20 @@ def sam_restore_(state: SAMState) -> None:
     if not state.has_backup:
         raise RuntimeError("this SAMState has no backup (keep_backup=False): recompute the weights from their "
                            "fp32 masters (uf.optim.restore_from_masters)")
+    state.undo_exchange()
     if state.params:
         if state.backend == "cpp":
             from . import _cpp
 
             _cpp.ops().restore_(state.params, state.backup)
+            _bump_versions(state.params)
         elif state.backend == "triton":
             from unlearn_fast.flatten import flat_groups
             from unlearn_fast.kernels import multi_tensor as k
 
             for pf, bf in flat_groups(state.params, state.backup):
                 k.restore_(pf, bf)
+            _bump_versions(state.params)
         else:
             torch._foreach_copy_(state.params, state.backup)
     state.backup = []
@@ -362,10 +456,13 @@ def fd_hvp_accumulate_(acc, g_moved, g_base, coeff, *, restore: SAMState | None 
         # The restore joins the accumulation pass when the state's backup is a compiled-path one.
         fused = (restore is not None and restore.backend == "cpp" and restore.has_backup and not restore.restored
                  and same_dtypes)
+        if fused:
+            restore.undo_exchange()  # exchanged pairs trade back; the fused pass copies the rest
         _cpp.ops().fd_hvp_accumulate_(acc, [g.detach() for g in g_moved],
                                       [g.detach() for g in g_base] if g_base is not None else [], coeff_t,
                                       restore.params if fused else [], restore.backup if fused else [])
         if fused:
+            _bump_versions(restore.params)
             restore.backup = []
             restore.restored = True
             return

@@ -70,6 +70,7 @@ class FusedAdamW(torch.optim.Optimizer):
                 raise RuntimeError("sam_state was already restored")
             if not sam_state.has_backup:
                 raise RuntimeError("sam_state has no backup (keep_backup=False): step the fp32 masters instead")
+            sam_state.undo_exchange()  # exchanged weights are back by a storage trade; the update restores the rest
             backup_of = {id(p): b for p, b in zip(sam_state.params, sam_state.backup)}
         updated = set()
         for group in self.param_groups:
