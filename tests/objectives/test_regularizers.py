@@ -107,6 +107,31 @@ def test_sam_matches_cloned_parameter_sam(fp32, adaptive):
     assert rel_diff([conf.forget_weight * a + b for a, b in zip(g_f, wrong_r)], naive) > 1e-2
 
 
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_sam_exchange_gives_the_copy_path_gradient_bit_for_bit(fp32, adaptive, monkeypatch):
+    """The trainer's SAM trades storage (θ' written into the consumed direction): every parameter of the
+    model is traded, the gradient is bit for bit the copy path's, and each weight ends on its own storage."""
+    from unlearn_fast.objectives import regularizers
+
+    model, _, forget, retain = fp32
+    conf = uf.UnlearnConfig(method="npo", retain_weight=1.5, sam_rho=0.5 if adaptive else 0.05, sam_adaptive=adaptive)
+    perturb, traded = regularizers.ops.sam_perturb_, []
+
+    def spy(*args, exchange=False, force=None, **kwargs):
+        state = perturb(*args, exchange=exchange if force is None else force, **kwargs)
+        traded.append(len(state.exchanged))
+        return state
+
+    ptrs = [p.data_ptr() for p in params_of(model)]
+    monkeypatch.setattr(regularizers.ops, "sam_perturb_", spy)
+    exchanged, _ = ours_grads(model, forget, retain, (), conf)
+    monkeypatch.setattr(regularizers.ops, "sam_perturb_", lambda *a, **k: spy(*a, force=False, **k))
+    copied, _ = ours_grads(model, forget, retain, (), conf)
+    assert traded == [len(params_of(model)), 0]
+    assert all(torch.equal(a, b) for a, b in zip(exchanged, copied))
+    assert [p.data_ptr() for p in params_of(model)] == ptrs
+
+
 def test_sam_zero_gradient_gives_zero_perturbation():
     # GA on a batch with no answer token: ∇ℓ_f = 0, so n = 0 must move nothing (no NaN).
     model = tiny_llama(layers=1, seed=13)

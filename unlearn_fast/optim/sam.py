@@ -44,7 +44,9 @@ def _param_list(params) -> list[torch.Tensor]:
 def grads_of(loss: torch.Tensor, params) -> list[torch.Tensor]:
     """∇loss for every parameter as a list (zeros where the loss does not depend on it); ``.grad`` untouched."""
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return [g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads)]
+    # autograd returns some gradients as views of a private buffer; ``.data`` drops that base, so each
+    # gradient is the sole owner of its storage (what lets SAM trade storage with it, ops.sam_perturb_)
+    return [g.data if g is not None else torch.zeros_like(p) for p, g in zip(params, grads)]
 
 
 class SAM:
