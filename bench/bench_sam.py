@@ -179,6 +179,8 @@ def worker(variant, shapes, repeat):
         restore_fn = lambda st: naive_restore(params, st)  # noqa: E731
         one_fresh_step = lambda: restore_fn(perturb_fn())  # noqa: E731
     elif strong:
+        norm_fn = strong_baseline(params, grads, [], variant)[0]
+
         def one_fresh_step():  # what one step allocates if the backup is not kept across steps
             _, perturb, restore = strong_baseline(params, grads, [torch.empty_like(p) for p in params], variant)
             restore(perturb())
@@ -200,14 +202,17 @@ def worker(variant, shapes, repeat):
     # (a fresh backup, as sam_perturb_ does by default; the strong baselines likewise)
     one_fresh_step()
     with PeakMemory(device) as mem:
-        (norm_fn if not strong else strong_baseline(params, grads, [], variant)[0])()
+        norm_fn()
         one_fresh_step()
     if strong:  # the preallocated backup, made after the measurement
         backup = [torch.empty_like(p) for p in params]
         norm_fn, perturb_fn, restore_fn = strong_baseline(params, grads, backup, variant)
 
     norm_t, perturb_t, restore_t, copy_t = [], [], [], []
-    restore_fn(perturb_fn())  # warm-up
+    st = perturb_fn()  # warm-up
+    if exchange:  # what the exchange did: a list whose tensors do not own their storage falls back to copies
+        extra["exchanged_tensors"] = len(st.exchanged)
+    restore_fn(st)
     src = torch.empty(total, dtype=params[0].dtype, device=device).fill_(1)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -260,10 +265,6 @@ def worker(variant, shapes, repeat):
     # bookkeeping is perturb + restore, and the norm's pass is counted once, in the perturb
     n_norm, n_perturb, n_restore = PASSES.get(variant, COPY_PASSES)
     moved = {"perturb": (n_norm + n_perturb) * total * es, "restore": n_restore * total * es}
-    if exchange:  # what the exchange did: a list whose tensors do not own their storage falls back to copies
-        moved_state = uf.ops.sam_perturb_(params, grads, RHO, backend=backend, backup=backup, exchange=True)
-        extra["exchanged_tensors"] = len(moved_state.exchanged)
-        uf.ops.sam_restore_(moved_state)
     sam_s = perturb_s + restore_s
     copy_gbs = 2 * total * es / statistics.median(copy_t) / 1e9
     achieved = sum(moved.values()) / sam_s / 1e9

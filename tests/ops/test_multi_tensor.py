@@ -419,6 +419,19 @@ def test_cpp_adamw_from_backup_streaming_matches_torch_adamw(cpp_ops):
         assert not torch.equal(o.detach(), p)
 
 
+def _moved_by_a_separate_backup(dtype, adaptive, big, mt_backend, big_seed, seed):
+    """Lists for a backup-placement test, and a twin moved with a fresh separate backup (the reference):
+    (params, grads, twin, bits before, rho, the twin's state)."""
+    if big and (mt_backend == "triton" or dtype == torch.float16):
+        pytest.skip("the streaming sizes are a C++/foreach matter; one reduced dtype is enough")
+    params, grads = _big_lists(dtype, seed=big_seed) if big else make(dtype, seed=seed)
+    twin = [p.detach().clone() for p in params]
+    before = [bits(p.detach()).clone() for p in params]
+    rho = 0.5 if adaptive else 0.05
+    separate = uf.ops.sam_perturb_(twin, [g.clone() for g in grads], rho, adaptive=adaptive, backend=mt_backend)
+    return params, grads, twin, before, rho, separate
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("adaptive", [False, True])
 @pytest.mark.parametrize("big", [False, True])
@@ -426,13 +439,7 @@ def test_direction_as_its_own_backup(dtype, adaptive, big, mt_backend):
     """backup=grads (SAM's consumed ascent direction): θ' bit for bit what a separate backup gives, the
     direction's storage holds θ afterwards, and the restore is exact; the big lists take the C++
     streaming stores (every element of g must be read before θ is written over it)."""
-    if big and (mt_backend == "triton" or dtype == torch.float16):
-        pytest.skip("the streaming sizes are a C++/foreach matter; one reduced dtype is enough")
-    params, grads = _big_lists(dtype, seed=11) if big else make(dtype, seed=4)
-    twin = [p.detach().clone() for p in params]
-    before = [bits(p.detach()).clone() for p in params]
-    rho = 0.5 if adaptive else 0.05
-    separate = uf.ops.sam_perturb_(twin, [g.clone() for g in grads], rho, adaptive=adaptive, backend=mt_backend)
+    params, grads, twin, before, rho, separate = _moved_by_a_separate_backup(dtype, adaptive, big, mt_backend, 11, 4)
     grads_ptrs = [g.data_ptr() for g in grads]
     state = uf.ops.sam_perturb_(params, grads, rho, adaptive=adaptive, backend=mt_backend, backup=grads)
     assert torch.equal(state.norm, separate.norm)
@@ -453,13 +460,7 @@ def test_exchange_matches_the_copy_path(dtype, adaptive, big, consume, mt_backen
     bit for bit the copy path's, the backup holds θ, the restore trades back (each parameter on its own
     storage again, exact) and allocates nothing; a view (the big list's unaligned slice of a larger
     buffer) is copied instead. The Triton engine never exchanges."""
-    if big and (mt_backend == "triton" or dtype == torch.float16):
-        pytest.skip("the streaming sizes are a C++/foreach matter; one reduced dtype is enough")
-    params, grads = _big_lists(dtype, seed=12) if big else make(dtype, seed=5)
-    twin = [p.detach().clone() for p in params]
-    before = [bits(p.detach()).clone() for p in params]
-    rho = 0.5 if adaptive else 0.05
-    separate = uf.ops.sam_perturb_(twin, [g.clone() for g in grads], rho, adaptive=adaptive, backend=mt_backend)
+    params, grads, twin, before, rho, separate = _moved_by_a_separate_backup(dtype, adaptive, big, mt_backend, 12, 5)
     backup = grads if consume else [torch.empty_like(p) for p in params]
     p_ptrs, b_ptrs = [p.data_ptr() for p in params], [b.data_ptr() for b in backup]
     state = uf.ops.sam_perturb_(params, grads, rho, adaptive=adaptive, backend=mt_backend, backup=backup,

@@ -185,22 +185,14 @@ def _squared_norm(tensors, weights=None) -> torch.Tensor:
     return torch.stack(norms).square().sum()
 
 
-def _torch_perturb(params, grads, backup, scale, adaptive):
-    # fp32 arithmetic (fp64 for fp64 weights), never scaling the caller's grads; one rounding to p's dtype.
-    # The steps are copied before the backup is written: the backup may be the grads themselves.
+def _torch_perturb(params, grads, out, scale, adaptive, backup=None):
+    """out ← θ + s·w⊙g (out is params: moved in place; or the exchange's backup), backup ← θ first when given.
+
+    fp32 arithmetic (fp64 for fp64 weights), never scaling the caller's grads; one rounding to p's dtype.
+    The steps are copied before anything is written: out or the backup may be the grads themselves."""
     steps = [g.detach().to(_opmath(p.dtype), copy=True) for p, g in zip(params, grads)]
-    if backup is not params:
+    if backup is not None and backup is not params:
         torch._foreach_copy_(backup, [p.detach() for p in params])
-    if adaptive:
-        steps = [s.mul_(b.to(s.dtype).square()) for s, b in zip(steps, backup)]
-    torch._foreach_mul_(steps, scale)
-    for p, b, s in zip(params, backup, steps):
-        p.copy_(s.add_(b.to(s.dtype)))
-
-
-def _torch_perturb_to(params, grads, out, scale, adaptive):
-    # out ← θ + s·w⊙g with θ untouched, the operations of _torch_perturb in its order (same roundings)
-    steps = [g.detach().to(_opmath(p.dtype), copy=True) for p, g in zip(params, grads)]
     if adaptive:
         steps = [s.mul_(p.detach().to(s.dtype).square()) for s, p in zip(steps, params)]
     torch._foreach_mul_(steps, scale)
@@ -345,23 +337,34 @@ def sam_perturb_(params, grads, rho: float, *, adaptive: bool = False, backend: 
     exchanged = []
     if exchange and keep_backup and engine != "triton":
         flags = _exchangeable(params, backup)
-        if any(flags):
-            ex = [(p, g, b) for p, g, b, f in zip(params, grads, backup, flags) if f]
-            ex_p, ex_g, ex_b = ([t[k] for t in ex] for k in range(3))
-            if engine == "cpp":
-                from . import _cpp
-
-                _cpp.ops().perturb_to_([p.detach() for p in ex_p], [g.detach() for g in ex_g], ex_b, scale, adaptive)
-            else:
-                _torch_perturb_to(ex_p, ex_g, ex_b, scale, adaptive)
+        ex = [(p, g, b) for p, g, b, f in zip(params, grads, backup, flags) if f]
+        if ex:
+            ex_p, ex_g, ex_b = (list(t) for t in zip(*ex))
+            _perturb_into(engine, ex_p, ex_g, ex_b, scale, adaptive)
             for p, b in zip(ex_p, ex_b):
                 _trade_storage(p, b)
             exchanged = list(zip(ex_p, ex_b))
             rest = [(p, g, b) for p, g, b, f in zip(params, grads, backup, flags) if not f]
-            params, grads, backup = ([t[k] for t in rest] for k in range(3))
-    if not params:
-        pass  # every pair was exchanged
-    elif engine == "cpp":
+            params, grads, backup = (list(t) for t in zip(*rest)) if rest else ([], [], [])
+    if params:
+        _perturb_with_backup(engine, params, grads, backup, scale, adaptive)
+    return SAMState(params, backup if keep_backup else [], norm, scale, backend=engine, has_backup=keep_backup,
+                    exchanged=exchanged)
+
+
+def _perturb_into(engine, params, grads, out, scale, adaptive):
+    """out ← θ + s·w⊙g with θ untouched (the exchange path; out may be grads)."""
+    if engine == "cpp":
+        from . import _cpp
+
+        _cpp.ops().perturb_to_([p.detach() for p in params], [g.detach() for g in grads], out, scale, adaptive)
+    else:
+        _torch_perturb(params, grads, out, scale, adaptive)
+
+
+def _perturb_with_backup(engine, params, grads, backup, scale, adaptive):
+    """backup ← θ (skipped when backup is params), θ ← θ + s·w⊙g, on the engine's kernels."""
+    if engine == "cpp":
         from . import _cpp
 
         _cpp.ops().perturb_(params, grads, backup, scale, adaptive)
@@ -374,9 +377,7 @@ def sam_perturb_(params, grads, rho: float, *, adaptive: bool = False, backend: 
             k.perturb_(pf, gf, bf, scale, adaptive)
         _bump_versions(params)
     else:
-        _torch_perturb(params, grads, backup, scale, adaptive)
-    return SAMState(params, backup if keep_backup else [], norm, scale, backend=engine, has_backup=keep_backup,
-                    exchanged=exchanged)
+        _torch_perturb(params, grads, params, scale, adaptive, backup=backup)
 
 
 def _new_backup(params, engine):
