@@ -81,8 +81,10 @@ def _workspace():
 
 
 def _chunks(n, v):
-    rows = max(1, min(n, _workspace() // v))
-    return rows, math.ceil(n / rows)
+    """(rows, count) of the chunks of n rows: as many as the code takes (workspace // V rows each), counted as
+    equal chunks so that their sum is n rows (the code's last chunk is the partial one: the same FLOPs)."""
+    count = math.ceil(n / max(1, min(n, _workspace() // v)))
+    return math.ceil(n / count), count
 
 
 # -- building blocks of the chunked path (per chunk of c rows) ------------------------------------
@@ -150,6 +152,41 @@ def chunked_ce_irm(n, h, v, e) -> Variant:
     return var
 
 
+def _env_rows_fit(rows, v) -> bool:
+    """Whether an environment of ``rows`` tokens goes in one chunk (ops/_chunked_linear_ce.env_chunk_rows)."""
+    return rows <= _workspace() // v
+
+
+def objective(n, h, v, e) -> Variant:
+    """uf.ops.irm_objective on CUDA (Σ w_e CE_e + λ P as one scalar), like its code: chunks of whole environments
+    (as many as one logits block holds), each chunk's statistics, its environments' s_e, then dz with the same
+    logits (3 matmuls); an environment larger than a chunk: statistics, then a recomputing pass (4)."""
+    per_env = math.ceil(n / e)
+    if not _env_rows_fit(per_env, v):
+        c, chunks = _chunks(per_env, v)
+        var = Variant("ours_objective", f"per environment ({e} x {per_env} tokens) over {chunks} chunks: "
+                                        "statistics, then a recomputing gradient pass")
+        var.add(_logits_mm(c, h, v), 2 * e * chunks)
+        var.add(_rows(c, v, 1, 0, "statistics"), e * chunks)
+        var.add(_rows(c, v, 1, 1, "dz, lse known"), e * chunks)
+        var.add(_dh_mm(c, h, v), e * chunks)
+        _dw_mms(var, c, h, v, e * chunks)
+        var.add(_hand_over(n, h, v))
+        return var
+    envs_per_chunk = min(e, max(1, (_workspace() // v) // per_env))
+    chunks = math.ceil(e / envs_per_chunk)
+    c = per_env * envs_per_chunk
+    var = Variant("ours_objective", f"{chunks} chunk(s) of {envs_per_chunk} whole environment(s) "
+                                    f"({e} x {per_env} tokens), gradient in the forward")
+    var.add(_logits_mm(c, h, v), chunks)
+    var.add(_rows(c, v, 1, 0, "statistics lse, z_y, E_p[z]"), chunks)
+    var.add(_rows(c, v, 1, 1, "dz from the environments' s_e"), chunks)
+    var.add(_dh_mm(c, h, v), chunks)
+    _dw_mms(var, c, h, v, chunks)
+    var.add(_hand_over(n, h, v))
+    return var
+
+
 def _penalty_recomputes(n, e) -> bool:
     try:
         from unlearn_fast.ops._chunked_linear_ce import penalty_recompute_is_cheaper
@@ -159,8 +196,13 @@ def _penalty_recomputes(n, e) -> bool:
 
 
 def chunked_penalty(n, h, v, e) -> Variant:
-    """uf.ops.irm_penalty on CUDA (what ILU trains): per environment, gradient of s_e formed in the forward;
-    with few tokens the op recomputes instead (as linear_cross_entropy_irm), like the code."""
+    """uf.ops.irm_penalty on CUDA (what ILU trains), the op's strategies in its order: every environment in one chunk
+    (irm_objective's pass with w = 0); else per-group buffers, or with few tokens a recompute (as
+    linear_cross_entropy_irm)."""
+    if _env_rows_fit(math.ceil(n / e), v):
+        var = objective(n, h, v, e)
+        var.name = "ours_penalty"
+        return var
     if _penalty_recomputes(n, e):
         var = chunked_ce_irm(n, h, v, e)
         var.name = "ours_penalty"
@@ -224,6 +266,7 @@ VARIANTS = {
     "ours_ce": chunked_ce,
     "ours_ce_irm": chunked_ce_irm,
     "ours_penalty": chunked_penalty,
+    "ours_objective": objective,
     "fused_ce": lambda n, h, v, e: fused(n, h, v, e, irm=False),
     "fused_ce_irm": lambda n, h, v, e: fused(n, h, v, e, irm=True),
     "liger_flce": liger,

@@ -84,3 +84,24 @@ def test_penalty_strategy_follows_the_op_rule():
         t_buffers = sum(k.ms(gpu) for k in cm.penalty_with_buffers(n, 4096, 128256, 4).kernels)
         t_recompute = sum(k.ms(gpu) for k in cm.chunked_ce_irm(n, 4096, 128256, 4).kernels)
         assert (t_recompute < t_buffers) == recompute, (n, t_buffers, t_recompute)
+
+
+def test_objective_is_three_matmuls_in_chunks_of_whole_environments():
+    """irm_objective (the CE+IRM loss as one scalar) forms its gradient in the forward: 6·N·H·V matmul FLOPs, not the
+    tuple op's 8, and within 1.2x the floor; the 2k-token step holds all four environments in one chunk."""
+    cm = _model()
+    result = cm.model()["variants"]
+    n, h, v = 16384, 4096, 128256
+    row = result["ours_objective"]
+    matmul_flops = sum(k["flops"] for k in row["kernels"] if not k["name"].startswith("row kernel"))
+    assert matmul_flops == 6 * n * h * v
+    assert row["over_floor_h200"] <= 1.2 and row["over_floor_h100"] <= 1.2
+    assert row["predicted_ms_h200"] < result["ours_ce_irm"]["predicted_ms_h200"]
+    logits = [k for k in row["kernels"] if k["name"].startswith("logits")]
+    assert logits[0]["count"] == 4 and logits[0]["grid"] == (4096, v)  # one environment per 1 GiB block
+    e2e = cm.objective(2048, h, v, 4)
+    assert [k.count for k in e2e.kernels if k.name.startswith("logits")] == [1]
+    # an environment larger than a block: statistics, then recompute (8·N·H·V; the model counts whole chunks)
+    big = cm.objective(4 * 8192, h, v, 4)
+    flops = sum(k.flops for k in big.kernels if not k.name.startswith("row kernel"))
+    assert 8 * 4 * 8192 * h * v <= flops < 8.3 * 4 * 8192 * h * v

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import unlearn_fast as uf
-from unlearn_fast.testing.reference import naive_irm, naive_linear_ce, naive_sequence_nll
+from unlearn_fast.testing.reference import halves_like_op, naive_irm, naive_linear_ce, naive_sequence_nll
 
 N, H, V, E = 47, 31, 123, 3  # odd shapes on purpose
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -102,21 +102,6 @@ def test_nan_input_propagates(backend):
     h[3, 4] = float("nan")
     y[3] = 1
     assert torch.isnan(uf.ops.linear_cross_entropy(h, w, y, linear_bias=b, backend=backend))
-
-
-def halves_like_op(y, env, num_envs, batched):
-    """Independent re-derivation of the op's documented unbiased split, for the naive reference."""
-    valid = y != -100
-    half = torch.zeros_like(y)
-    for k in range(num_envs):
-        if batched:
-            rows = [r for r in range(y.shape[0]) if bool((valid[r] & (env[r] == k)).any())]
-            for rank, r in enumerate(rows):
-                half[r][env[r] == k] = rank % 2
-        else:
-            idx = (valid & (env == k)).nonzero().squeeze(1)
-            half[idx] = torch.arange(idx.numel()) % 2
-    return half
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

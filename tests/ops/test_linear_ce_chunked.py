@@ -149,7 +149,8 @@ def test_ce_irm_with_an_empty_environment(dtype, unbiased):
 
 
 @pytest.mark.parametrize("dtype,unbiased", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
-def test_irm_penalty_gradient_in_forward(dtype, unbiased):
+@pytest.mark.parametrize("chunk", [16, 4])  # every environment in one chunk (irm_objective's pass); per-group buffers
+def test_irm_penalty_gradient_in_forward(dtype, unbiased, chunk):
     _, _, _, y = inputs(dtype)
     env = torch.arange(N, device=DEVICE) * E // N
     halves = uf.ops.linear_ce._unbiased_halves(env, y != -100, E, (N,)) if unbiased else None
@@ -158,7 +159,7 @@ def test_irm_penalty_gradient_in_forward(dtype, unbiased):
         if backend is None:
             return naive_irm(h, w, y, env, E, b, unbiased=unbiased, halves=halves)[2]
         return uf.ops.irm_penalty(h, w, y, env, num_envs=E, linear_bias=b, unbiased=unbiased, backend=backend,
-                                  chunk_size=16).penalty
+                                  chunk_size=chunk).penalty
 
     compare(dtype, loss_of)
 
@@ -199,32 +200,34 @@ def test_ce_irm_one_chunk_keeps_its_logits_and_backward_twice_recomputes(dtype, 
         assert torch.allclose(a.float(), c.float(), rtol=tol, atol=tol)
 
 
-def test_irm_penalty_recomputes_when_the_rule_says_so(monkeypatch):
-    """On CUDA with few tokens irm_penalty recomputes in backward (cheaper than per-group buffers): same numbers."""
-    from unlearn_fast.ops import _chunked_linear_ce, linear_ce
+def test_irm_penalty_strategy_on_cuda(monkeypatch):
+    """On CUDA irm_penalty takes every environment in one chunk when they fit (irm_objective with w = 0, λ = 1: no
+    per-group buffers); otherwise per-group buffers, or with few tokens a recompute in backward: same numbers."""
+    from unlearn_fast.ops import _chunked_linear_ce, irm_losses
 
     h, w, b, y = inputs(torch.float32)
-    env = torch.arange(N, device=DEVICE) * E // N
+    env = torch.arange(N, device=DEVICE) * E // N  # 9-10 labelled rows per environment
 
-    def run():
+    def run(chunk):
         hh, ww = leaves((h, w))
-        out = uf.ops.irm_penalty(hh, ww, y, env, num_envs=E, linear_bias=b, backend="triton_chunked", chunk_size=16)
+        out = uf.ops.irm_penalty(hh, ww, y, env, num_envs=E, linear_bias=b, backend="triton_chunked",
+                                 chunk_size=chunk)
         return out.penalty, torch.autograd.grad(out.penalty, (hh, ww)), type(out.penalty.grad_fn).__name__
 
     assert not _chunked_linear_ce.penalty_recompute_is_cheaper(10, 4, torch.device("cpu"))
     assert _chunked_linear_ce.penalty_recompute_is_cheaper(2048, 4, torch.device("cuda"))
-    if DEVICE.type == "cpu":
-        p_fwd, g_fwd, fn = run()
-        assert fn.startswith("_IRMPenalty")  # gradient formed in the forward
-    monkeypatch.setattr(linear_ce.cuda_chunked, "penalty_recompute_is_cheaper", lambda n, groups, device: True)
-    p_re, g_re, fn = run()
-    assert not fn.startswith("_IRMPenalty")
-    monkeypatch.setattr(linear_ce.cuda_chunked, "penalty_recompute_is_cheaper", lambda n, groups, device: False)
-    p_fwd, g_fwd, fn = run()
+    p_one, g_one, fn = run(16)
+    assert fn.startswith("_IRMObjective")
+    monkeypatch.setattr(irm_losses.cuda_chunked, "penalty_recompute_is_cheaper", lambda n, groups, device: True)
+    p_re, g_re, fn = run(4)
+    assert not fn.startswith(("_IRMPenalty", "_IRMObjective"))
+    monkeypatch.setattr(irm_losses.cuda_chunked, "penalty_recompute_is_cheaper", lambda n, groups, device: False)
+    p_fwd, g_fwd, fn = run(4)
     assert fn.startswith("_IRMPenalty")
-    assert torch.allclose(p_re, p_fwd, rtol=1e-5, atol=1e-6)
-    for a, c in zip(g_re, g_fwd):
-        assert torch.allclose(a, c, rtol=1e-4, atol=1e-6)
+    for p, g in ((p_re, g_re), (p_fwd, g_fwd)):
+        assert torch.allclose(p, p_one, rtol=1e-5, atol=1e-6)
+        for a, c in zip(g, g_one):
+            assert torch.allclose(a, c, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -354,8 +357,10 @@ def test_chunked_matches_fp64_on_gpu_with_several_chunks(dtype, monkeypatch):
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        for op in ("ce", "irm", "penalty", "penalty in forward"):
-            if op == "penalty in forward":  # few tokens here: force the per-group-buffer strategy as well
+        for op in ("ce", "irm", "objective", "penalty", "penalty recompute", "penalty buffers"):
+            if op == "penalty recompute":  # environments too large for one chunk: the op's rule (few tokens)
+                monkeypatch.setattr(_chunked_linear_ce, "env_chunk_rows", lambda *a: 1)
+            if op == "penalty buffers":  # and the per-group-buffer strategy as well
                 monkeypatch.setattr(_chunked_linear_ce, "penalty_recompute_is_cheaper", lambda *a: False)
             res = {}
             for be, cast in (("triton_chunked", None), ("torch", torch.float64)):
@@ -366,6 +371,8 @@ def test_chunked_matches_fp64_on_gpu_with_several_chunks(dtype, monkeypatch):
                 elif op == "irm":
                     out = uf.ops.linear_cross_entropy_irm(h, w, y, env, num_envs=4, backend=be)
                     loss = out.env_loss.sum() + out.penalty
+                elif op == "objective":
+                    loss = uf.ops.irm_objective(h, w, y, env, num_envs=4, penalty_weight=3.0, backend=be).loss
                 else:
                     loss = uf.ops.irm_penalty(h, w, y, env, num_envs=4, backend=be).penalty
                 res[be] = (loss.detach(), *torch.autograd.grad(loss, (h, w)))

@@ -4,12 +4,12 @@ from .linear_ce import (
     SequenceLoss,
     SequenceNLL,
     linear_cross_entropy,
-    irm_penalty,
     linear_cross_entropy_irm,
     sequence_loss,
     sequence_nll,
 )
 from ._torch_linear_ce import release_blocks as release_workspace
+from .irm_losses import IRMObjective, irm_objective, irm_penalty
 from .multi_tensor import (
     SAMState,
     fd_hvp_accumulate_,
@@ -26,6 +26,8 @@ __all__ = [
     "linear_cross_entropy",
     "linear_cross_entropy_irm",
     "irm_penalty",
+    "IRMObjective",
+    "irm_objective",
     "sequence_nll",
     "SequenceLoss",
     "sequence_loss",

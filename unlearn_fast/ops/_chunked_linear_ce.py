@@ -35,6 +35,11 @@ def default_chunk(num_tokens: int, vocab: int) -> int:
     return max(1, min(num_tokens, _WORKSPACE_ELEMS // max(vocab, 1)))
 
 
+def env_chunk_rows(vocab: int, hidden: int, device=None, dtype=None) -> int:
+    """Rows an environment may have for ``irm_losses`` to take it in one chunk: one logits block, as any pass."""
+    return _WORKSPACE_ELEMS // max(vocab, 1)
+
+
 def _rows():
     from unlearn_fast.kernels import linear_ce_rows
 
@@ -60,8 +65,9 @@ def _accumulate(dz, hc, weight, d_h_rows, d_w, d_b, first: bool):
 
 
 def chunked_pass(h, weight, bias, target, valid, *, lse=None, coeffs=None, chunk=None, want_ez=True,
-                 weight_grad=True, d_weight_out=None):
-    """Same contract as ``_torch_linear_ce.chunked_pass`` (fp32 results), on the row kernel."""
+                 weight_grad=True, d_weight_out=None, into=None):
+    """Same contract as ``_torch_linear_ce.chunked_pass`` (fp32 results; ``into`` included, its d bias
+    zero-filled when not added to), on the row kernel."""
     rows_ = _rows().rows_
     n, hidden = h.shape
     vocab = weight.shape[0]
@@ -70,9 +76,12 @@ def chunked_pass(h, weight, bias, target, valid, *, lse=None, coeffs=None, chunk
     y_all = torch.where(valid, target, _NO_LABEL)
     out_lse = torch.zeros(n, dtype=torch.float32, device=h.device)
     out_zy, out_ez = torch.zeros_like(out_lse), torch.zeros_like(out_lse)
-    if coeffs is not None:
+    added = False  # whether d weight already holds a sum this pass adds to
+    if into is not None:
+        d_h, d_w, d_b, added = into
+    elif coeffs is not None:
         d_h, d_w, d_b = _grad_buffers(n, hidden, vocab, bias, h.device, weight_grad, d_weight_out)
-    if coeffs is not None and n == 0 and d_w is not None:
+    if coeffs is not None and n == 0 and d_w is not None and not added:
         d_w.zero_()
     z_buf = torch.empty(min(chunk, n), vocab, dtype=h.dtype, device=h.device)
     for start in range(0, n, chunk):
@@ -94,7 +103,7 @@ def chunked_pass(h, weight, bias, target, valid, *, lse=None, coeffs=None, chunk
             chunk_lse, zy, ez = rows_(z, y, _NO_LABEL, want_ez=want_ez, coeffs=_chunk_coeffs(coeffs, rows))
             out_lse[rows], out_zy[rows], out_ez[rows] = chunk_lse, zy, ez
         if coeffs is not None:
-            _accumulate(z, hc, weight, d_h[rows], d_w, d_b, first=start == 0)
+            _accumulate(z, hc, weight, d_h[rows], d_w, d_b, first=start == 0 and not added)
     stats = (out_lse, out_zy, out_ez)
     return stats if coeffs is None else (stats, (d_h, d_w, d_b))
 
@@ -121,8 +130,9 @@ def backward_from_logits(z, h, weight, bias, target, valid, lse, coeffs: Coeffs)
 
 
 def _chunk_coeffs(coeffs: Coeffs, rows):
-    b = coeffs.b[rows].float() if coeffs.b is not None else None
-    return coeffs.a[rows].float(), b, coeffs.c[rows].float()
+    # the row kernel indexes the vectors by row: contiguous copies of broadcast (stride 0) ones
+    b = coeffs.b[rows].float().contiguous() if coeffs.b is not None else None
+    return coeffs.a[rows].float().contiguous(), b, coeffs.c[rows].float().contiguous()
 
 
 def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, chunk=None):

@@ -57,6 +57,14 @@ def default_chunk(num_tokens: int, vocab: int, hidden: int, blocks: int = 2) -> 
     return max(1, min(num_tokens, workspace_elems(vocab, hidden) // (blocks * max(vocab, 1))))
 
 
+def env_chunk_rows(vocab: int, hidden: int, device: torch.device, dtype: torch.dtype) -> int:
+    """Rows an environment may have for ``irm_losses`` to take it in one chunk (its gradient then formed with
+    the forward's logits): the workspace plus the V·H elements of the group buffer ``irm_penalty`` would hold
+    there (the same peak as that op's), over the blocks the pass needs (one with the compiled row op)."""
+    blocks = 1 if row_kernel(device, dtype) is not None else 2
+    return (workspace_elems(vocab, hidden) + vocab * hidden) // (blocks * max(vocab, 1))
+
+
 def logits_into(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """out ← h Wᵀ (+ b), written into a preallocated workspace block (fp32 from bf16 operands on CUDA)."""
     if h.dtype != out.dtype:
@@ -193,7 +201,7 @@ def chunked_pass(
         raise ValueError("coeffs.a_ez needs want_ez=True (the pass must form E_p[z])")
     compute = torch.float64 if h.dtype == torch.float64 else torch.float32
     # the compiled row op needs one block whatever the coefficients (the torch ops two for E_p[z] or p⊙z)
-    kernel = row_kernel(h.device, compute) if not callable(coeffs) else None
+    kernel = row_kernel(h.device, compute)
     two_blocks = kernel is None and (want_ez or callable(coeffs) or (coeffs is not None and coeffs.b is not None))
     chunk = chunk or (max(n, 1) if grad_scale is not None else default_chunk(n, vocab, hidden, 2 if two_blocks else 1))
     mm = matmul or matmul_dtype(h.dtype, h.device)
@@ -224,8 +232,17 @@ def chunked_pass(
         logits_into(z, hc, w, bvec)
         keep = valid[rows]
         if kernel is not None:
-            grads_here = _rows_by_kernel(kernel, z, safe_target[rows], lse, coeffs, rows, want_ez, compute,
-                                         out_lse, out_zy, out_ez, keep)
+            if callable(coeffs):  # statistics first, then d z from the coefficients they give (two row calls)
+                _rows_by_kernel(kernel, z, safe_target[rows], None, None, rows, True, compute, out_lse, out_zy,
+                                out_ez, keep)
+                cf = coeffs(out_lse[rows], out_zy[rows], out_ez[rows])
+                kernel(z, safe_target[rows].long().contiguous(), _vec(torch.where(keep, out_lse[rows], torch.inf),
+                       compute), False, *(_vec(torch.where(keep, v, 0) if v is not None else None, compute)
+                                          for v in (cf.a, None, cf.b, cf.c)))
+                grads_here = True
+            else:
+                grads_here = _rows_by_kernel(kernel, z, safe_target[rows], lse, coeffs, rows, want_ez, compute,
+                                             out_lse, out_zy, out_ez, keep)
             if grads_here:
                 k = grad_scale(out_lse[rows], out_zy[rows], out_ez[rows]) if grad_scale is not None else None
                 _add_gradients(z, hc, w, mm, d_h[rows], d_w, d_b, added or start != 0, k)

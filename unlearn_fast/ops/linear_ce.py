@@ -21,7 +21,7 @@ Where the loss fixes the upstream gradients up to a factor known by the end of
 the forward pass, the chunked paths (torch; "triton_chunked", the CUDA default:
 cuBLAS chunks and one Triton row kernel, no atomics) form the gradient with the
 forward's logits instead (3 matmuls, not 4): plain CE with reduction mean/sum (``_SummedCE``),
-``sequence_loss`` and ``irm_penalty``. Every op first drops the tokens without
+``sequence_loss``, ``irm_penalty`` and ``irm_objective`` (irm_losses.py). Every op first drops the tokens without
 a label (prompts, padding): they add nothing and would cost as much as the rest.
 """
 from __future__ import annotations
@@ -352,63 +352,6 @@ def _prepare_irm(input, linear_weight, target, env, num_envs, linear_bias, ignor
     ids["env"] = env_id
     h, y, ids, _ = _labelled_rows(h, y, ignore_index, ids)
     return h, y, ids["env"], ids.get("half"), backend
-
-
-class _IRMPenalty(torch.autograd.Function):
-    """Torch path of the IRMv1 penalty with its gradient formed during the forward pass (see irm_penalty)."""
-
-    @staticmethod
-    def forward(ctx, h, weight, bias, target, env, half, num_envs, chunk, backend):
-        penalty, env_loss, scale_grad, grads = _passes(backend).irm_penalty_pass(h, weight, bias, target, env, half,
-                                                                                 num_envs, chunk=chunk)
-        _keep_gradients(ctx, grads, h, weight, bias)
-        ctx.mark_non_differentiable(env_loss, scale_grad)
-        return penalty, env_loss, scale_grad
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g, _g_loss, _g_scale):
-        return (*_hand_over_gradients(ctx, g, "irm_penalty"), None, None, None, None, None, None)
-
-
-def irm_penalty(
-    input: torch.Tensor,
-    linear_weight: torch.Tensor,
-    target: torch.Tensor,
-    env: torch.Tensor,
-    *,
-    num_envs: int,
-    linear_bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    unbiased: bool = False,
-    backend: str | None = None,
-    chunk_size: int | None = None,
-) -> IRMOutput:
-    """``linear_cross_entropy_irm`` when only the penalty is trained: same numbers, only ``penalty`` differentiable.
-
-    ILU's objective holds the penalty and not the environments' CE, and s_e's gradient in the
-    logits does not depend on s_e, so the torch path forms the gradient with the logits of the
-    forward pass (3 matmuls per token instead of 4, see ``_irm_penalty.irm_penalty_pass``). On the
-    CPU a group that fits one logits block goes straight into the totals; otherwise (and on CUDA) a
-    group holds one extra [V, H] fp32 buffer until its factor is known (two with ``unbiased``).
-    ``env_loss`` and ``env_scale_grad`` come back detached. It cannot backward twice. The
-    Triton path, calls that need no gradient, and on CUDA calls with too few tokens for the
-    per-group buffers to pay off (``_chunked_linear_ce.penalty_recompute_is_cheaper``) compute
-    ``linear_cross_entropy_irm``.
-    """
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
-    h, y, env_id, half, resolved = _prepare_irm(input, linear_weight, target, env, num_envs, linear_bias,
-                                                ignore_index, backend, unbiased)
-    groups = num_envs * (2 if unbiased else 1)
-    few_tokens = resolved == "triton_chunked" and cuda_chunked.penalty_recompute_is_cheaper(h.shape[0], groups,
-                                                                                             h.device)
-    if resolved not in _CHUNKED or not needs_grad or few_tokens:
-        out = _irm_of_rows(h, y, env_id, half, resolved, linear_weight, linear_bias, num_envs, ignore_index, chunk_size)
-        return IRMOutput(out.env_loss.detach(), out.env_scale_grad.detach(), out.penalty)
-    penalty, env_loss, scale_grad = _IRMPenalty.apply(h, linear_weight, linear_bias, y, env_id, half, num_envs,
-                                                      chunk_size, resolved)
-    return IRMOutput(env_loss, scale_grad, penalty)
 
 
 def sequence_nll(

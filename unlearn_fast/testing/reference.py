@@ -73,6 +73,23 @@ def naive_irm(h, weight, target, env, num_envs, bias=None, ignore_index=-100, un
     return torch.stack(env_loss), torch.stack(scale_grad), penalty
 
 
+def halves_like_op(y, env, num_envs, batched):
+    """The unbiased penalty's halves (0 = A, 1 = B) as the ops document them, re-derived independently for
+    ``naive_irm``: [B, T] tokens alternate by sequence among those of the environment with a label, [N] tokens
+    by their rank in the environment."""
+    valid = y != -100
+    half = torch.zeros_like(y)
+    for k in range(num_envs):
+        if batched:
+            rows = [r for r in range(y.shape[0]) if bool((valid[r] & (env[r] == k)).any())]
+            for rank, r in enumerate(rows):
+                half[r][env[r] == k] = rank % 2
+        else:
+            idx = (valid & (env == k)).nonzero().squeeze(1)
+            half[idx] = torch.arange(idx.numel(), device=y.device) % 2
+    return half
+
+
 def naive_sequence_nll(h, weight, target, seq, num_seqs, bias=None, ignore_index=-100, dtype=None):
     ce = naive_token_ce(h, weight, target, bias, ignore_index, dtype)
     s = seq.reshape(-1).long()
