@@ -87,11 +87,14 @@ def environment(device: torch.device) -> dict:
         except ImportError:
             pass
     cpu = cpu_info()
+    from unlearn_fast.ops._matmul import cpu_gemm_engine
+
     return {
         "device": device_name(device),
         "device_type": device.type,
         "cpu": cpu["cpu_model"],
         **cpu,
+        "cpu_gemm_engine": cpu_gemm_engine(),  # of the CPU linear-CE head matmuls (UNLEARN_FAST_CPU_GEMM)
         **torch_build_info(),
         "threads": torch.get_num_threads(),
         "versions": versions,

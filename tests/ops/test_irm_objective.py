@@ -99,13 +99,13 @@ def test_whole_environment_chunks_take_three_matmuls(monkeypatch):
     environment is larger than a chunk; linear_cross_entropy_irm recomputes always."""
     h, w, b, y, env = inputs(torch.float32, seed=4)
     calls = []
-    real = torch_path.logits_into
+    real = torch_path.logits_block
 
-    def counting(out, *args):
-        calls.append(out.shape[0])
-        return real(out, *args)
+    def counting(z_buf, hc, *args):
+        calls.append(hc.shape[0])
+        return real(z_buf, hc, *args)
 
-    monkeypatch.setattr(torch_path, "logits_into", counting)
+    monkeypatch.setattr(torch_path, "logits_block", counting)
     labelled = int((y != -100).sum())
     largest = int(torch.bincount(env[y != -100]).max())
 

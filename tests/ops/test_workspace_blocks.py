@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import unlearn_fast as uf
+from unlearn_fast.ops import _matmul
 from unlearn_fast.ops import _torch_linear_ce as tp
 
 
@@ -47,6 +48,7 @@ def test_cached_blocks_full_of_nan_change_nothing(row_op, monkeypatch):
     """Every op gives bit-identical results from fresh blocks and from reused ones holding NaN (with the
     torch ops a pass holds two blocks at once: they must be distinct)."""
     monkeypatch.setattr(tp, "use_row_kernel", row_op and tp.use_row_kernel)
+    monkeypatch.setitem(_matmul._onednn_state, "use", "mkl")  # the blocks are MKL's workspace (oneDNN writes its own)
     g = torch.Generator().manual_seed(3)
     h, w = torch.randn(24, 7, generator=g), torch.randn(41, 7, generator=g)
     y = torch.randint(0, 41, (24,), generator=g)
@@ -103,7 +105,14 @@ def test_no_block_is_larger_than_the_head(monkeypatch):
         taken.append(rows * cols)
         return real_take(rows, cols, dtype, device)
 
+    real_logits = tp.logits_block
+
+    def logits_spy(z_buf, hc, weight, bias):  # with oneDNN as the GEMM engine its result is the block
+        taken.append(hc.shape[0] * weight.shape[0])
+        return real_logits(z_buf, hc, weight, bias)
+
     monkeypatch.setattr(tp, "take_block", spy)
+    monkeypatch.setattr(tp, "logits_block", logits_spy)
     tp.release_blocks()
     seq_fn = lambda nll, ids: -torch.nn.functional.logsigmoid(-0.1 * nll)  # noqa: E731
     ops = {

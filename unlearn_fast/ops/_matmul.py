@@ -65,3 +65,63 @@ def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: 
     if bias is not None:
         return torch.addmm(bias.to(out.dtype), a32, b32, out=out)
     return torch.mm(a32, b32, out=out)
+
+
+# -- the CPU's fp32 GEMM engine for the linear-CE head ------------------------------------------------------
+# torch's CPU matmuls go to MKL. On AMD processors MKL's sgemm runs well below the machine (measured on a
+# Zen 5 EPYC, 1 thread: 77-95 GFLOP/s), where oneDNN's fp32 GEMM, which picks its kernels by the ISA and not
+# by the vendor, gives 114-196 GFLOP/s for the head's two matmuls that read W as [V, H] (logits, d input).
+# UNLEARN_FAST_CPU_GEMM=auto (default) takes oneDNN on AMD and MKL elsewhere; mkl | onednn force one.
+_CPU_GEMM_CHOICES = ("auto", "mkl", "onednn")
+_onednn_state: dict = {}  # "use": the resolved choice, "why": why oneDNN is off where it was asked for
+
+
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def cpu_gemm_engine() -> str:
+    """"onednn" or "mkl": the engine of the CPU fp32 linear-CE head matmuls (see UNLEARN_FAST_CPU_GEMM)."""
+    if "use" not in _onednn_state:
+        import os
+
+        asked = os.environ.get("UNLEARN_FAST_CPU_GEMM", "auto")
+        if asked not in _CPU_GEMM_CHOICES:
+            raise ValueError(f"UNLEARN_FAST_CPU_GEMM must be one of {_CPU_GEMM_CHOICES}, got {asked!r}")
+        want = asked == "onednn" or (asked == "auto" and _cpu_vendor() == "AuthenticAMD")
+        use = False
+        if want:
+            try:  # the op is torch's own (mkldnn::_linear_pointwise); checked once against torch.mm
+                x, w = torch.arange(6.0).view(2, 3), torch.arange(12.0).view(4, 3)
+                use = bool(torch.equal(onednn_linear(x, w), x @ w.T))
+                if not use:
+                    _onednn_state["why"] = "its result differed from torch.mm on a probe"
+            except (RuntimeError, AttributeError) as exc:
+                _onednn_state["why"] = f"{type(exc).__name__}: {exc}"
+        _onednn_state["use"] = "onednn" if use else "mkl"
+    return _onednn_state["use"]
+
+
+def use_onednn(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a CPU head matmul in ``dtype`` goes to oneDNN (fp32 only: fp64 stays on MKL)."""
+    return device.type == "cpu" and dtype == torch.float32 and cpu_gemm_engine() == "onednn"
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weightᵀ (+ bias) by oneDNN, a new [rows, out] tensor (``weight`` [out, in], any strides)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def dh_into(out: torch.Tensor, dz: torch.Tensor, weight: torch.Tensor, *, accumulate: bool = False) -> torch.Tensor:
+    """out ← dz @ weight (or out += it): d input of a logits block, by oneDNN where ``use_onednn`` says so."""
+    if use_onednn(dz.dtype, dz.device) and out.dtype == dz.dtype:
+        part = onednn_linear(dz, weight.T)
+        return out.add_(part) if accumulate else out.copy_(part)
+    return mm_into(out, dz, weight, accumulate=accumulate)

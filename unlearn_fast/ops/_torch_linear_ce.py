@@ -24,7 +24,9 @@ On the CPU the row work of a block (max, Σ exp, E_p[z], d z) is one call of the
 ``ce_rows_`` (csrc/linear_ce_rows.cpp) when the extension is built: each row is processed while it is
 in cache instead of 5-9 torch elementwise passes over the whole block, and one block of workspace
 suffices. Without it (UNLEARN_FAST_CE_ROWS=0, UNLEARN_FAST_NO_CPP=1, no compiler, CUDA tensors) the
-same formulas run as torch ops.
+same formulas run as torch ops. The fp32 matmuls that read W as [V, H] (logits, d input) go to oneDNN on AMD
+processors, where MKL's sgemm runs at about half of oneDNN's speed (``_matmul.cpu_gemm_engine``,
+UNLEARN_FAST_CPU_GEMM=auto|mkl|onednn); oneDNN then writes each chunk's logits into a tensor of its own.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from typing import Callable
 import torch
 
 from . import _irm_penalty
-from ._matmul import matmul_dtype, mm_into
+from ._matmul import dh_into, matmul_dtype, mm_into, onednn_linear, use_onednn
 
 # fp32 elements of [chunk, V] workspace a pass may hold: no more than the head's own size V·H (a
 # gradient pass holds a [V, H] d weight anyway, and with chunks of H rows or more its read-modify-write
@@ -72,6 +74,25 @@ def logits_into(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: 
     if bias is not None:
         return torch.addmm(bias, h, weight.T, out=out)
     return torch.mm(h, weight.T, out=out)
+
+
+def logits_block(z_buf: torch.Tensor | None, h: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """A chunk's logits h Wᵀ (+ b): written into the first rows of the workspace block ``z_buf``, or, with
+    ``z_buf`` None (``block_for``: oneDNN is the CPU GEMM engine), oneDNN's own fresh result."""
+    if z_buf is None:
+        return onednn_linear(h, weight, bias)
+    z = z_buf[: h.shape[0]]
+    logits_into(z, h, weight, bias)
+    return z
+
+
+def block_for(rows: int, cols: int, dtype: torch.dtype, mm: torch.dtype, device: torch.device):
+    """The logits workspace of a pass (``take_block``), or None where oneDNN forms each chunk's logits (it writes
+    a tensor of its own: a block beside it would only add to the peak)."""
+    if dtype == mm and use_onednn(mm, device):
+        return None
+    return take_block(rows, cols, dtype, device)
 
 
 class _Blocks(threading.local):
@@ -222,14 +243,13 @@ def chunked_pass(
         d_b = torch.zeros(vocab, dtype=compute, device=h.device) if bias is not None and weight_grad else None
     # Workspace allocated once: z holds the logits, e = exp(z − shift) (in z's storage when z is
     # not needed afterwards), then d z.
-    z_buf = take_block(min(chunk, n), vocab, compute, h.device)
+    z_buf = block_for(min(chunk, n), vocab, compute, mm, h.device)
     e_buf = take_block(min(chunk, n), vocab, compute, h.device) if two_blocks else None
     safe_target = torch.where(valid, target, 0)
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
         hc = h[rows].to(mm)
-        z = z_buf[: hc.shape[0]]
-        logits_into(z, hc, w, bvec)
+        z = logits_block(z_buf, hc, w, bvec)
         keep = valid[rows]
         if kernel is not None:
             if callable(coeffs):  # statistics first, then d z from the coefficients they give (two row calls)
@@ -307,7 +327,7 @@ def _add_gradients(dz, hc, w, mm, d_h_rows, d_w, d_b, add: bool, k=None):
     ``k`` (None: 1) is a scalar or a per-row [rows] tensor: the gradient's factor, applied to the small
     operands so that the [rows, V] block is not passed over once more."""
     operand = dz.to(mm)  # bf16 operand for the tensor cores on CUDA (no-op on the CPU)
-    mm_into(d_h_rows, operand, w)
+    dh_into(d_h_rows, operand, w)
     if k is not None:
         k = k.to(dz.dtype)
         d_h_rows.mul_(k.unsqueeze(1) if k.dim() else k)
@@ -379,13 +399,14 @@ def backward_by_vocab(
     # the row op's per-row vectors (c zero on ignored tokens: their p is 0 through lse = +inf)
     shift_vec, a_vec, c_vec = _vec(lse, compute), _vec(coeffs.a, compute), _vec(torch.where(valid, coeffs.c, 0), compute)
     b_vec = _vec(coeffs.b, compute)
-    z_flat = take_block(n, block, compute, h.device).view(-1)
+    z_flat = block_for(n, block, compute, mm, h.device)
+    z_flat = z_flat.view(-1) if z_flat is not None else None
     e_flat = take_block(n, block, compute, h.device).view(-1) if two_blocks else None
     for start in range(0, vocab, block):
         stop = min(start + block, vocab)
         w_block = w[start:stop]
-        z = z_flat[: n * (stop - start)].view(n, stop - start)
-        logits_into(z, hc, w_block, bias[start:stop].to(compute) if bias is not None else None)
+        z_block = z_flat[: n * (stop - start)].view(n, stop - start) if z_flat is not None else None
+        z = logits_block(z_block, hc, w_block, bias[start:stop].to(compute) if bias is not None else None)
         if kernel is not None:
             in_block = valid & (target >= start) & (target < stop)
             local = torch.where(in_block, target - start, -1).long()
@@ -403,7 +424,7 @@ def backward_by_vocab(
             torch.sum(dz, 0, out=d_b[start:stop])
         dz = dz.to(mm)
         mm_into(d_w[start:stop], dz.T, hc)
-        mm_into(d_h, dz, w_block, accumulate=True)
+        dh_into(d_h, dz, w_block, accumulate=True)
     give_back(z_flat)
     give_back(e_flat)
     return d_h, d_w, d_b
@@ -450,13 +471,12 @@ def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, c
     if n == 0:
         d_w.zero_()
     d_b = torch.zeros(vocab, dtype=compute, device=h.device) if bias is not None else None
-    z_buf = take_block(min(budget, n), vocab, compute, h.device)
+    z_buf = block_for(min(budget, n), vocab, compute, mm, h.device)
     kernel = row_kernel(h.device, compute)
     for s0, s1, r0, r1 in whole_sequence_chunks(sizes, budget):
         r = slice(r0, r1)
         hc = h[r].to(mm)
-        z = z_buf[: r1 - r0]
-        logits_into(z, hc, w, bvec)
+        z = logits_block(z_buf, hc, w, bvec)
         y = target[r].unsqueeze(1)
         if kernel is not None:
             # the statistics and, in z's storage, the unit gradient p − onehot in one call (one exp per
