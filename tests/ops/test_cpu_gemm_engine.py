@@ -70,3 +70,21 @@ def test_engine_choice(monkeypatch):
     monkeypatch.setenv("UNLEARN_FAST_CPU_GEMM", "blas")
     with pytest.raises(ValueError, match="UNLEARN_FAST_CPU_GEMM must be one of"):
         _matmul.cpu_gemm_engine()
+
+
+def test_empty_products_and_vocabulary_blocks():
+    """oneDNN has no primitive for K = 0 or no rows: zeros (+ bias), as torch gives; d weight in several
+    vocabulary blocks of rows is the whole product."""
+    for x, w in ((torch.ones(3, 0), torch.ones(5, 0)), (torch.ones(0, 4), torch.ones(5, 4))):
+        b = torch.arange(5.0)
+        torch.testing.assert_close(_matmul.onednn_linear(x, w, b), torch.addmm(b, x, w.T))
+    g = torch.Generator().manual_seed(1)
+    dz, h = torch.randn(6, 2 * _matmul._DW_ROWS + 5, generator=g), torch.randn(6, 3, generator=g)
+    out = torch.randn(dz.shape[1], 3, generator=g)
+    start = out.clone()
+    for accumulate in (False, True):
+        with pytest.MonkeyPatch.context() as m:
+            m.setitem(_matmul._onednn_state, "use", "onednn")
+            got = _matmul.dw_into(out.clone(), dz, h, accumulate=accumulate)
+        want = (start if accumulate else 0) + dz.double().T @ h.double()
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)

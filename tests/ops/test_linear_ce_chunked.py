@@ -289,6 +289,7 @@ def test_matmul_dtype_policy():
 def test_torch_path_cuda_branch_multiplies_in_bf16_and_accumulates_in_fp32(monkeypatch, callable_coeffs):
     """chunked_pass with the CUDA policy (bf16 operands) forced on the CPU: every matmul gets bf16
     operands (W is never upcast), results and sums stay fp32, numbers within the rule."""
+    from unlearn_fast.ops import _matmul
     from unlearn_fast.ops import _torch_linear_ce as tp
 
     seen = []
@@ -298,7 +299,8 @@ def test_torch_path_cuda_branch_multiplies_in_bf16_and_accumulates_in_fp32(monke
         seen.append((a.dtype, b.dtype, out.dtype))
         return real(out, a, b, **kw)
 
-    monkeypatch.setattr(tp, "mm_into", spy)
+    monkeypatch.setattr(tp, "mm_into", spy)  # the logits
+    monkeypatch.setattr(_matmul, "mm_into", spy)  # d input and d weight (dh_into, dw_into)
     h, w, b, y = (t.cpu() for t in inputs(torch.bfloat16))  # the CPU emulation of the CUDA branch
     valid = y != -100
     ones = valid.float()

@@ -116,6 +116,9 @@ def use_onednn(dtype: torch.dtype, device: torch.device) -> bool:
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weightᵀ (+ bias) by oneDNN, a new [rows, out] tensor (``weight`` [out, in], any strides)."""
+    if x.numel() == 0 or weight.numel() == 0:  # oneDNN has no primitive for an empty product
+        out = x.new_zeros(x.shape[0], weight.shape[0])
+        return out.add_(bias) if bias is not None else out
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -125,3 +128,21 @@ def dh_into(out: torch.Tensor, dz: torch.Tensor, weight: torch.Tensor, *, accumu
         part = onednn_linear(dz, weight.T)
         return out.add_(part) if accumulate else out.copy_(part)
     return mm_into(out, dz, weight, accumulate=accumulate)
+
+
+_DW_ROWS = 4096  # vocabulary rows of d weight per oneDNN call: its [rows, H] result is a small temporary
+
+
+def dw_into(out: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, *, accumulate: bool = False) -> torch.Tensor:
+    """out ← dzᵀ @ h (or out += it): d weight [V, H] of a logits block. With oneDNN, in blocks of vocabulary
+    rows, each added into ``out`` (no [V, H] temporary); MKL's addmm elsewhere."""
+    if use_onednn(dz.dtype, dz.device) and out.dtype == dz.dtype:
+        for start in range(0, out.shape[0], _DW_ROWS):
+            rows = slice(start, start + _DW_ROWS)
+            part = onednn_linear(dz[:, rows].T, h.T)
+            if accumulate:
+                out[rows].add_(part)
+            else:
+                out[rows].copy_(part)
+        return out
+    return mm_into(out, dz.T, h, accumulate=accumulate)

@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 
 from . import _irm_penalty
-from ._matmul import dh_into, matmul_dtype, mm_into, onednn_linear, use_onednn
+from ._matmul import dh_into, dw_into, matmul_dtype, mm_into, onednn_linear, use_onednn
 
 # fp32 elements of [chunk, V] workspace a pass may hold: no more than the head's own size V·H (a
 # gradient pass holds a [V, H] d weight anyway, and with chunks of H rows or more its read-modify-write
@@ -333,7 +333,7 @@ def _add_gradients(dz, hc, w, mm, d_h_rows, d_w, d_b, add: bool, k=None):
         d_h_rows.mul_(k.unsqueeze(1) if k.dim() else k)
     if d_w is not None:
         scaled = hc if k is None else (hc * (k.unsqueeze(1) if k.dim() else k)).to(mm)
-        mm_into(d_w, operand.T, scaled, accumulate=add)
+        dw_into(d_w, operand, scaled, accumulate=add)
     if d_b is not None:
         col = dz.sum(0) if k is None else (dz.T @ k if k.dim() else dz.sum(0).mul_(k))
         if add:
@@ -423,7 +423,7 @@ def backward_by_vocab(
         if d_b is not None:
             torch.sum(dz, 0, out=d_b[start:stop])
         dz = dz.to(mm)
-        mm_into(d_w[start:stop], dz.T, hc)
+        dw_into(d_w[start:stop], dz, hc)
         dh_into(d_h, dz, w_block, accumulate=True)
     give_back(z_flat)
     give_back(e_flat)
