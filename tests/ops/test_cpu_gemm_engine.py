@@ -88,3 +88,34 @@ def test_empty_products_and_vocabulary_blocks():
             got = _matmul.dw_into(out.clone(), dz, h, accumulate=accumulate)
         want = (start if accumulate else 0) + dz.double().T @ h.double()
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["ce", "ce_none", "irm", "penalty", "objective", "sequence"])
+def test_onednn_holds_one_logits_block_at_a_time(monkeypatch, op):
+    """oneDNN writes each chunk's logits into a new tensor: the last chunk's must be freed before the next one
+    exists, or the pass holds two blocks (its peak then grows by a block)."""
+    import gc
+    import weakref
+
+    monkeypatch.setitem(_matmul._onednn_state, "use", "onednn")
+    g = torch.Generator().manual_seed(2)
+    h, w, b = torch.randn(30, 23, generator=g), torch.randn(97, 23, generator=g) * 0.3, torch.randn(97, generator=g)
+    y = torch.randint(0, 97, (30,), generator=g)
+    env = torch.arange(30) * 3 // 30
+    alive = []
+    real = tp.logits_block
+
+    def tracking(z_buf, *args):
+        gc.collect()
+        assert not [r for r in alive if r() is not None], "a previous logits block is still referenced"
+        z = real(z_buf, *args)
+        alive.append(weakref.ref(z))
+        return z
+
+    monkeypatch.setattr(tp, "logits_block", tracking)
+    monkeypatch.setattr(tp, "default_chunk", lambda n, v, hdim, blocks=2: 7)  # several chunks per pass
+    monkeypatch.setattr(tp, "env_chunk_rows", lambda *a: 12)
+    t = [x.clone().requires_grad_() for x in (h, w, b)]
+    loss = _ops(h, w, b, y, env)[op](*t)
+    torch.autograd.grad(loss, t)
+    assert len(alive) > 2

@@ -69,8 +69,8 @@ def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: 
 
 # -- the CPU's fp32 GEMM engine for the linear-CE head ------------------------------------------------------
 # torch's CPU matmuls go to MKL. On AMD processors MKL's sgemm runs well below the machine (measured on a
-# Zen 5 EPYC, 1 thread: 77-95 GFLOP/s), where oneDNN's fp32 GEMM, which picks its kernels by the ISA and not
-# by the vendor, gives 114-196 GFLOP/s for the head's two matmuls that read W as [V, H] (logits, d input).
+# Zen 5 EPYC, 1 thread, the head's shapes: 77-95 GFLOP/s), where oneDNN's fp32 GEMM, which picks its kernels
+# by the ISA and not by the vendor, gives 114-196 GFLOP/s (logits, d input) and 140-150 (d weight in blocks).
 # UNLEARN_FAST_CPU_GEMM=auto (default) takes oneDNN on AMD and MKL elsewhere; mkl | onednn force one.
 _CPU_GEMM_CHOICES = ("auto", "mkl", "onednn")
 _onednn_state: dict = {}  # "use": the resolved choice, "why": why oneDNN is off where it was asked for
@@ -105,6 +105,11 @@ def cpu_gemm_engine() -> str:
                     _onednn_state["why"] = "its result differed from torch.mm on a probe"
             except (RuntimeError, AttributeError) as exc:
                 _onednn_state["why"] = f"{type(exc).__name__}: {exc}"
+        if asked == "onednn" and not use:
+            import warnings
+
+            warnings.warn(f"UNLEARN_FAST_CPU_GEMM=onednn, but oneDNN's linear is unusable here "
+                          f"({_onednn_state['why']}): the CPU head matmuls stay on MKL", RuntimeWarning, stacklevel=2)
         _onednn_state["use"] = "onednn" if use else "mkl"
     return _onednn_state["use"]
 
@@ -130,7 +135,9 @@ def dh_into(out: torch.Tensor, dz: torch.Tensor, weight: torch.Tensor, *, accumu
     return mm_into(out, dz, weight, accumulate=accumulate)
 
 
-_DW_ROWS = 4096  # vocabulary rows of d weight per oneDNN call: its [rows, H] result is a small temporary
+# vocabulary rows of d weight per oneDNN call: its [rows, H] result (and oneDNN's copy of the strided dzᵀ rows)
+# are small temporaries; 1024-8192 rows ran at the same speed on Zen 5
+_DW_ROWS = 1024
 
 
 def dw_into(out: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, *, accumulate: bool = False) -> torch.Tensor:
@@ -139,6 +146,7 @@ def dw_into(out: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, *, accumulate:
     if use_onednn(dz.dtype, dz.device) and out.dtype == dz.dtype:
         for start in range(0, out.shape[0], _DW_ROWS):
             rows = slice(start, start + _DW_ROWS)
+            part = None  # freed before the next block's exists
             part = onednn_linear(dz[:, rows].T, h.T)
             if accumulate:
                 out[rows].add_(part)

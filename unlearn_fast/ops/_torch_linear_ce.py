@@ -249,6 +249,7 @@ def chunked_pass(
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
         hc = h[rows].to(mm)
+        z = e = ez_prod = dz = None  # oneDNN's logits of the last chunk are freed before the next ones exist
         z = logits_block(z_buf, hc, w, bvec)
         keep = valid[rows]
         if kernel is not None:
@@ -406,6 +407,7 @@ def backward_by_vocab(
         stop = min(start + block, vocab)
         w_block = w[start:stop]
         z_block = z_flat[: n * (stop - start)].view(n, stop - start) if z_flat is not None else None
+        z = dz = None  # the last block's logits freed first (oneDNN's are a new tensor per block)
         z = logits_block(z_block, hc, w_block, bias[start:stop].to(compute) if bias is not None else None)
         if kernel is not None:
             in_block = valid & (target >= start) & (target < stop)
@@ -476,6 +478,7 @@ def sequence_loss_pass(h, weight, bias, target, lengths, per_sequence_loss, *, c
     for s0, s1, r0, r1 in whole_sequence_chunks(sizes, budget):
         r = slice(r0, r1)
         hc = h[r].to(mm)
+        z = e = dz = None  # the last chunk's logits freed first (oneDNN's are a new tensor per chunk)
         z = logits_block(z_buf, hc, w, bvec)
         y = target[r].unsqueeze(1)
         if kernel is not None:
