@@ -24,7 +24,7 @@ On the CPU the row work of a block (max, Σ exp, E_p[z], d z) is one call of the
 ``ce_rows_`` (csrc/linear_ce_rows.cpp) when the extension is built: each row is processed while it is
 in cache instead of 5-9 torch elementwise passes over the whole block, and one block of workspace
 suffices. Without it (UNLEARN_FAST_CE_ROWS=0, UNLEARN_FAST_NO_CPP=1, no compiler, CUDA tensors) the
-same formulas run as torch ops. The fp32 matmuls that read W as [V, H] (logits, d input) go to oneDNN on AMD
+same formulas run as torch ops. The head's fp32 matmuls (logits, d input, d weight) go to oneDNN on AMD
 processors, where MKL's sgemm runs at about half of oneDNN's speed (``_matmul.cpu_gemm_engine``,
 UNLEARN_FAST_CPU_GEMM=auto|mkl|onednn); oneDNN then writes each chunk's logits into a tensor of its own.
 """

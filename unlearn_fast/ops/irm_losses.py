@@ -38,6 +38,7 @@ from .linear_ce import (
     _hand_over_gradients,
     _irm_of_rows,
     _keep_gradients,
+    _needs_grad,
     _passes,
     _prepare_irm,
 )
@@ -72,6 +73,12 @@ def _chunk_coefficients(lse, zy, ez, local, counts, half, weights, penalty_weigh
     return Coeffs(q + f * (1 - ez), f, q + f)
 
 
+def _env_budget(passes, weight: torch.Tensor, h: torch.Tensor, chunk: int | None) -> int:
+    """Rows a chunk of whole environments may hold on a backend (``chunk_size`` when the caller gives one)."""
+    compute = torch.float64 if h.dtype == torch.float64 else torch.float32
+    return chunk or passes.env_chunk_rows(weight.shape[0], weight.shape[1], h.device, compute)
+
+
 def objective_pass(passes, h, weight, bias, target, env, half, num_envs: int, env_weights: torch.Tensor,
                    penalty_weight: float, *, chunk: int | None = None, weight_grad: bool = True):
     """L and its gradients on a chunked backend's ``chunked_pass`` (``passes``: the torch/CPU module or the cuBLAS +
@@ -83,7 +90,7 @@ def objective_pass(passes, h, weight, bias, target, env, half, num_envs: int, en
     vocab = weight.shape[0]
     compute = torch.float64 if h.dtype == torch.float64 else torch.float32
     device = h.device
-    budget = chunk or passes.env_chunk_rows(vocab, hidden, device, compute)
+    budget = _env_budget(passes, weight, h, chunk)
     weights = env_weights.to(device=device, dtype=compute)
     counts = torch.bincount(env, minlength=num_envs)
     order = None if n < 2 or bool((env[1:] >= env[:-1]).all()) else torch.argsort(env, stable=True)
@@ -195,8 +202,7 @@ def irm_objective(
     h, y, env_id, half, resolved = _prepare_irm(input, linear_weight, target, env, num_envs, linear_bias,
                                                 ignore_index, backend, unbiased)
     weights = _checked_env_weights(env_weights, num_envs, h.device)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
+    needs_grad = _needs_grad(input, linear_weight, linear_bias)
     if resolved not in _CHUNKED or not needs_grad:
         out = _irm_of_rows(h, y, env_id, half, resolved, linear_weight, linear_bias, num_envs, ignore_index,
                            chunk_size)
@@ -251,13 +257,12 @@ def irm_penalty(
     ``env_loss`` and ``env_scale_grad`` come back detached. It cannot backward twice. The
     Triton path and calls that need no gradient compute ``linear_cross_entropy_irm``.
     """
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
+    needs_grad = _needs_grad(input, linear_weight, linear_bias)
     h, y, env_id, half, resolved = _prepare_irm(input, linear_weight, target, env, num_envs, linear_bias,
                                                 ignore_index, backend, unbiased)
     if resolved == "triton_chunked" and needs_grad and h.shape[0] > 0:
         largest = int(torch.bincount(env_id, minlength=num_envs).max())
-        if largest <= (chunk_size or cuda_chunked.env_chunk_rows(*linear_weight.shape)):
+        if largest <= _env_budget(cuda_chunked, linear_weight, h, chunk_size):
             zero = torch.zeros(num_envs, dtype=torch.float64, device=h.device)
             penalty, env_loss, scale_grad, _ = _IRMObjective.apply(
                 h, linear_weight, linear_bias, y, env_id, half, num_envs, zero, 1.0, chunk_size, resolved,

@@ -218,6 +218,12 @@ def _prepare(input, linear_weight, target, linear_bias, ignore_index, backend, *
     return h.contiguous(), y, ids, backend
 
 
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call will be differentiated: grad mode on and some input requiring grad (the ops that form
+    their gradient in the forward pass skip that work otherwise)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _labelled_rows(h, y, ignore_index, ids=None):
     """Only the tokens that have a label: the ops cost time in proportion to the rows they get, and an
     ignored token (a prompt, padding) adds nothing to any output. Returns (h, y, ids, rows), rows
@@ -434,8 +440,7 @@ def sequence_loss(
     longest = int(lengths.max()) if lengths.numel() else 0
     workspace = _passes(backend)._WORKSPACE_ELEMS if backend in _CHUNKED else 0
     fits = longest * linear_weight.shape[0] <= workspace and (chunk_size is None or chunk_size >= longest)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
+    needs_grad = _needs_grad(input, linear_weight, linear_bias)
     if backend in _CHUNKED and fits and needs_grad and longest > 0:
         h, y, _, _ = _labelled_rows(h, y, ignore_index)
         loss, nll = _SequenceLoss.apply(h, linear_weight, linear_bias, y, lengths, per_sequence_loss, chunk_size,
