@@ -125,18 +125,25 @@ def parse_variant(variant: str) -> tuple[str, str]:
     return impl, method
 
 
-def ours_stepper(model, method, forget_batches):
+def ours_config(method):
+    """The ``uf.UnlearnConfig`` of a method at the benchmark's hyper-parameters."""
     import unlearn_fast as uf
 
     hp = HPARAMS
     if method == "rmu":
-        config = uf.UnlearnConfig(method="rmu", rmu_layer=hp["rmu_layer"], rmu_steering=hp["rmu_steering"],
-                                  rmu_alpha=hp["rmu_alpha"], seed=hp["seed"], compat="reference")
-    else:
-        config = uf.UnlearnConfig(
-            **objective_settings(parse_method(method), sam_rho=hp["sam_rho"], irm_weight=hp["irm_weight"],
-                                 adv_eps=hp["adv_eps"], adv_steps=hp["adv_steps"], adv_step_size=hp["adv_step_size"]),
-            beta=hp["beta"], forget_weight=hp["forget_weight"], retain_weight=hp["retain_weight"])
+        return uf.UnlearnConfig(method="rmu", rmu_layer=hp["rmu_layer"], rmu_steering=hp["rmu_steering"],
+                                rmu_alpha=hp["rmu_alpha"], seed=hp["seed"], compat="reference")
+    return uf.UnlearnConfig(
+        **objective_settings(parse_method(method), sam_rho=hp["sam_rho"], irm_weight=hp["irm_weight"],
+                             adv_eps=hp["adv_eps"], adv_steps=hp["adv_steps"], adv_step_size=hp["adv_step_size"]),
+        beta=hp["beta"], forget_weight=hp["forget_weight"], retain_weight=hp["retain_weight"])
+
+
+def ours_stepper(model, method, forget_batches):
+    import unlearn_fast as uf
+
+    config = ours_config(method)
+    if method != "rmu":
         # NPO's reference NLL: once, before training, from the start model (SPEC §1.1)
         for batch in forget_batches:
             # unpadded examples: reference_nll re-pads them into this very batch

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
@@ -190,3 +191,30 @@ def test_e2e_merge_timing_takes_times_from_the_timing_process():
     assert merged["first_loss"] == 1.5 and merged["rounds"] == 2
     failed = {"error": "boom"}
     assert e2e.merge_timing(failed, timing) == failed and e2e.merge_timing(memory, failed) == failed
+
+
+def test_e2e_terms_smoke_floors_follow_from_the_terms(tmp_path):
+    """bench/e2e_terms.py on the tiny shape: every term and whole step timed, and the step-ratio floors it
+    reports are the sums of its terms that its docstring states (NPO = F + R + O, ILU adds E, SAM replaces F
+    by F_dir + S + F')."""
+    e2e = _e2e()  # noqa: F841 (puts bench/ on the path)
+    import e2e_terms
+
+    out, threads = tmp_path / "terms.json", torch.get_num_threads()
+    try:
+        e2e_terms.main(["--model-size", "tiny", "--rounds", "1", "--device", "cpu", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    run = json.loads(out.read_text())
+    assert run["environment"]["cpu_model"] and run["shape_name"] == "tiny"
+    med = {k: fig["median_s"] for k, fig in run["variants"].items()}
+    assert set(med) == {f"term_{t}" for t in e2e_terms.TERMS} | {f"step_{m}" for m in e2e_terms.METHODS}
+    assert all(math.isfinite(v) and v > 0 for v in med.values()), med
+    t = {k.removeprefix("term_"): v for k, v in med.items() if k.startswith("term_")}
+    npo = t["forget"] + t["retain"] + t["optimizer"]
+    s = run["ratios"]
+    assert s["ilu_over_npo_from_terms"] == pytest.approx((npo + t["environment"]) / npo)
+    assert s["sam_over_npo_from_terms"] == pytest.approx(
+        (t["forget_direction"] + t["sam_move"] + t["sam_restore"] + t["forget_perturbed"] + t["retain"] + t["optimizer"]) / npo)
+    assert s["environment_over_retain"] == pytest.approx(t["environment"] / t["retain"])
+    assert s["ilu_over_npo_steps"] == pytest.approx(med["step_npo_ilu"] / med["step_npo"])
