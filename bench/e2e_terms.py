@@ -110,7 +110,6 @@ def main(argv=None):
     forget, retain, env = (make_batches(shape, 1, device, salt)[0] for salt in (1, 2, 3))
     steps = {m: ours_stepper(model, m, [forget]) for m in METHODS}  # also caches the forget batch's reference NLL
     runners, opt = term_runners(model, forget, retain, env)
-    params = [p for p in model.parameters() if p.requires_grad]
 
     def timed(fn):
         sync(device)
@@ -133,7 +132,8 @@ def main(argv=None):
             if r:
                 times[key].append(t)
                 faults[key].append(f)
-        print(f"  round {r}/{args.rounds}: " + ", ".join(f"{k} {times[k][-1]:.3f}" for k in jobs if r), flush=True)
+        if r:
+            print(f"  round {r}/{args.rounds}: " + ", ".join(f"{k} {times[k][-1]:.3f}" for k in jobs), flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     term = {t: med[f"term_{t}"] for t in TERMS}
     npo_terms = term["forget"] + term["retain"] + term["optimizer"]
@@ -157,7 +157,7 @@ def main(argv=None):
     payload = {"environment": env_info, "command": f"python bench/e2e_terms.py --model-size {size} --rounds {args.rounds}"
                + ("" if device.type != "cpu" else f" --threads {args.threads}"),
                "shape_name": size, "shapes": shape, "hyperparameters": dict(HPARAMS), "rounds": args.rounds,
-               "loadavg_at_start": load_at_start, "trainable_params": sum(p.numel() for p in params),
+               "loadavg_at_start": load_at_start, "trainable_params": sum(p.numel() for p in opt.param_groups[0]["params"]),
                "variants": {k: {"median_s": med[k], "min_s": min(v), "max_s": max(v),
                                 "median_minor_faults": statistics.median(faults[k])} for k, v in times.items()},
                "ratios": summary}

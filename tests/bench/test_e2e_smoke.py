@@ -197,7 +197,7 @@ def test_e2e_terms_smoke_floors_follow_from_the_terms(tmp_path):
     """bench/e2e_terms.py on the tiny shape: every term and whole step timed, and the step-ratio floors it
     reports are the sums of its terms that its docstring states (NPO = F + R + O, ILU adds E, SAM replaces F
     by F_dir + S + F')."""
-    e2e = _e2e()  # noqa: F841 (puts bench/ on the path)
+    _e2e()  # puts bench/ on the path
     import e2e_terms
 
     out, threads = tmp_path / "terms.json", torch.get_num_threads()
